@@ -1,0 +1,75 @@
+"""Entry points that ``dvc.yaml`` stages call: ``python -m flows.cli <step> [family]``.
+
+Each one validates ``params.yaml`` first, then runs exactly one step from ``tasks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tasks.config import ParamsError, load_params
+from tasks.runtime import setup_logging
+
+log = logging.getLogger("flows.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m flows.cli", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the pipeline configuration (default: params.yaml)")
+    steps = parser.add_subparsers(dest="step", required=True)
+    prepare = steps.add_parser("prepare", help="download / read and preprocess a data set")
+    prepare.add_argument("modality", choices=["image", "text"])
+    steps.add_parser("features", help="train the FID feature extractor and measure the real-data floor")
+    for name, text in (("train", "train one family"), ("evaluate", "evaluate one trained family")):
+        step = steps.add_parser(name, help=text)
+        step.add_argument("family")
+    steps.add_parser("report", help="render the HTML comparison report")
+    steps.add_parser("check", help="only validate params.yaml")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> Path | None:
+    """Parse arguments, validate params, run the step; returns the step's main output."""
+    args = _parser().parse_args(argv)
+    config = load_params(args.params)
+    family = getattr(args, "family", None)
+    if family is not None and family not in config.families:
+        raise ParamsError(f"{args.params}: family {family!r} is not under 'families' (have: {', '.join(config.families)})")
+    # Imported here so that `check` and argument errors stay fast.
+    from tasks import data, evaluate, features, paths, report, train
+
+    if args.step == "prepare":
+        data.prepare(args.modality, config, paths.data_dir(args.modality))
+        return paths.data_dir(args.modality)
+    if args.step == "features":
+        return features.build_feature_extractor(config)
+    if args.step == "train":
+        return train.train_family(config, family)
+    if args.step == "evaluate":
+        return evaluate.evaluate_family(config, family)
+    if args.step == "report":
+        return report.build_report(config)
+    log.info("%s is valid: families %s", args.params, ", ".join(config.families))
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    from tasks.datasets import DataError
+    from tasks.train import TrainingDiverged
+
+    try:
+        output = run(argv)
+    except (ParamsError, DataError, FileNotFoundError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if output is not None:
+        log.info("wrote %s", output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The Prefect flow that runs the whole pipeline: prepare -> features/train -> evaluate -> report.
+
+The steps and their inputs are declared once, in ``dvc.yaml``. This flow reads that
+graph from DVC and, for every stage in dependency order, asks DVC whether the stage is
+out of date (its deps, params or outs changed), runs the stage's own command if so, and
+records the result in ``dvc.lock`` (``dvc commit``). So a flow run and ``dvc repro``
+do the same work, skip the same things, and a ``dvc repro`` after a flow run is a no-op.
+
+What Prefect adds: runs on a schedule (see flows/deploy.py), retries, concurrency of
+independent stages, and a UI with every stage's logs.
+
+    python -m flows.pipeline            # run (starts a temporary Prefect server if none is configured)
+    python -m flows.pipeline --force    # re-run every stage
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from tasks.config import load_params  # noqa: E402
+
+# DVC takes a repository lock for status and commit; stages finishing together queue here.
+_DVC_LOCK = threading.Lock()
+
+
+@dataclass
+class StageRun:
+    name: str
+    ran: bool
+    wall_s: float = 0.0
+    reason: str = ""
+
+
+def stage_order(repo_root: Path) -> list[tuple[str, str, list[str]]]:
+    """(name, command, upstream stage names) for every stage, in dependency order."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with _DVC_LOCK, Repo(str(repo_root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        order = [stage for generation in nx.topological_generations(graph.reverse()) for stage in generation]
+        return [(s.addressing, s.cmd, [u.addressing for u in graph.successors(s)]) for s in order]
+
+
+def stage_changes(repo_root: Path, name: str) -> list:
+    """What DVC says changed for the stage; empty when it is up to date."""
+    from dvc.repo import Repo
+
+    with _DVC_LOCK, Repo(str(repo_root)) as repo:
+        return repo.status(targets=[name]).get(name, [])
+
+
+def commit_stage(repo_root: Path, name: str) -> None:
+    """Record the stage's deps and outs in dvc.lock and its outs in the DVC cache."""
+    from dvc.repo import Repo
+
+    with _DVC_LOCK, Repo(str(repo_root)) as repo:
+        repo.commit(name, force=True)
+
+
+def _stage_environment(parallel: int) -> dict[str, str]:
+    env = dict(os.environ)
+    # `python` in a stage command is this interpreter (the project's virtual environment).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if parallel > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    return env
+
+
+@task(task_run_name="{name}")
+def reproduce_stage(repo_root: Path, name: str, command: str, force: bool, parallel: int) -> StageRun:
+    """Bring one DVC stage up to date: run its command if DVC says it changed, then commit it."""
+    logger = get_run_logger()
+    changes = ["forced"] if force else stage_changes(repo_root, name)
+    if not changes:
+        logger.info("%s is up to date: skipped", name)
+        return StageRun(name, ran=False)
+    logger.info("%s: running `%s` (%s)", name, command, _describe(changes))
+    start = time.perf_counter()
+    process = subprocess.Popen(command, shell=True, cwd=repo_root, env=_stage_environment(parallel),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: list[str] = []
+    for line in process.stdout:
+        logger.info("%s | %s", name, line.rstrip())
+        tail = (tail + [line.rstrip()])[-20:]
+    if process.wait() != 0:
+        raise RuntimeError(f"stage {name} failed (exit {process.returncode}):\n" + "\n".join(tail))
+    wall = time.perf_counter() - start
+    commit_stage(repo_root, name)
+    logger.info("%s done in %.1f s", name, wall)
+    return StageRun(name, ran=True, wall_s=round(wall, 2), reason=_describe(changes))
+
+
+def _describe(changes: list) -> str:
+    parts = []
+    for change in changes:
+        if isinstance(change, dict):
+            for kind, what in change.items():
+                parts.append(f"{kind}: {', '.join(what) if isinstance(what, dict) else what}")
+        else:
+            parts.append(str(change))
+    return "; ".join(parts)
+
+
+@flow(name="genai-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def pipeline(repo_root: str = ".", params_file: str = "params.yaml", force: bool = False) -> dict:
+    """Run every out-of-date stage of dvc.yaml; returns what ran and the report's path."""
+    logger = get_run_logger()
+    root = Path(repo_root).resolve()
+    config = load_params(root / params_file)  # invalid params stop the run before any work
+    parallel = config.orchestration.max_parallel_stages
+    futures = {}
+    for name, command, upstream in stage_order(root):
+        futures[name] = reproduce_stage.submit(root, name, command, force, parallel,
+                                               wait_for=[futures[u] for u in upstream])
+    runs = [future.result() for future in futures.values()]
+    ran = [r for r in runs if r.ran]
+    if ran:
+        logger.info("ran %d of %d stages: %s", len(ran), len(runs), ", ".join(f"{r.name} ({r.wall_s} s)" for r in ran))
+    else:
+        logger.info("nothing changed: all %d stages are up to date", len(runs))
+    return {"ran": [r.__dict__ for r in ran], "stages": len(runs), "report": str(root / config.report.path)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", default=".", help="repository root holding dvc.yaml and params.yaml")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--force", action="store_true", help="re-run every stage")
+    args = parser.parse_args(argv)
+    config = load_params(Path(args.repo) / args.params)
+    runner = ThreadPoolTaskRunner(max_workers=config.orchestration.max_parallel_stages)
+    result = pipeline.with_options(task_runner=runner)(args.repo, args.params, args.force)
+    print(f"report: {result['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

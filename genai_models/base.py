@@ -1,0 +1,184 @@
+"""The one interface every generator family answers, and the default training step.
+
+A family is a ``GenerativeModel`` subclass plus a config dataclass. The training loop
+and the evaluation step only ever call the methods defined here, so they never need
+to know which family they are driving.
+
+Data conventions (shared by every family):
+
+- images are ``uint8`` tensors of shape (B, C, H, W) with values 0..255, both as
+  training batches and as the output of ``sample``;
+- text is a ``long`` tensor of token ids of shape (B, L): ``bos``, the tokens,
+  ``eos``, then ``pad`` up to L.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Literal
+
+import torch
+from torch import nn
+
+Modality = Literal["image", "text"]
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Shape of the image data a model is built for."""
+
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def num_dims(self) -> int:
+        return self.channels * self.height * self.width
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Vocabulary and sequence length of the text data a model is built for."""
+
+    vocab_size: int
+    max_len: int  # including bos and eos
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+
+DataSpec = ImageSpec | TextSpec
+
+
+@dataclass
+class TrainSettings:
+    """What the default optimizer set-up needs to know (built from params by tasks)."""
+
+    learning_rate: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = None
+
+
+class Precision:
+    """Mixed precision on CUDA (bf16 where supported, else fp16 with a grad scaler); fp32 elsewhere."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.device_type = device.type
+        self.enabled = enabled and device.type == "cuda"
+        use_bf16 = self.enabled and torch.cuda.is_bf16_supported()
+        self.dtype = torch.bfloat16 if use_bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and not use_bf16)
+
+    @property
+    def name(self) -> str:
+        return f"amp-{str(self.dtype).removeprefix('torch.')}" if self.enabled else "fp32"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward_and_step(
+        self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterator[nn.Parameter] | None = None,
+        grad_clip: float | None = None,
+    ) -> None:
+        """Backward pass, optional gradient clipping, optimizer step."""
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if grad_clip is not None and params is not None:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(list(params), grad_clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+class GenerativeModel(nn.Module):
+    """Base class of every family.
+
+    Subclasses set ``modality`` and ``has_likelihood`` and implement ``loss`` and
+    ``sample``; families with a likelihood implement ``log_likelihood``. Families with
+    more than one optimizer (GANs) override ``configure_optimizers`` and ``training_step``.
+    """
+
+    modality: ClassVar[Modality]
+    has_likelihood: ClassVar[bool] = False
+    # True when ``log_likelihood`` is a lower bound (ELBO / IWAE) rather than exact.
+    likelihood_is_bound: ClassVar[bool] = False
+
+    def __init__(self, config: Any, spec: DataSpec) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = spec
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- the questions every family answers -------------------------------------------
+    def loss(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training objective of one batch: a dict holding at least ``"loss"`` (a scalar)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        """Draw ``num_samples`` samples (uint8 images or token ids) using ``generator``."""
+        raise NotImplementedError
+
+    def log_likelihood(self, batch: torch.Tensor, importance_samples: int = 1) -> torch.Tensor:
+        """Log-likelihood of each example in nats, shape (B,).
+
+        Images: of the discrete 8-bit pixel values, summed over all C*H*W dims.
+        Text: of the tokens after ``bos`` up to and including ``eos``.
+        Families whose likelihood is a bound use ``importance_samples`` (1 = ELBO).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no likelihood")
+
+    # --- training ------------------------------------------------------------------------
+    def configure_optimizers(self, settings: TrainSettings) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.AdamW(
+                self.parameters(), lr=settings.learning_rate, betas=settings.betas, weight_decay=settings.weight_decay
+            )
+        ]
+
+    def training_step(
+        self, batch: torch.Tensor, optimizers: list[torch.optim.Optimizer], precision: Precision,
+        settings: TrainSettings,
+    ) -> dict[str, torch.Tensor]:
+        """One optimisation step on ``batch``; returns the detached loss terms."""
+        (optimizer,) = optimizers
+        with precision.autocast():
+            terms = self.loss(batch)
+        precision.backward_and_step(terms["loss"], optimizer, self.parameters(), settings.grad_clip)
+        return {name: value.detach().float() for name, value in terms.items()}
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A family config dataclass as a plain dict (for checkpoints and JSON)."""
+    return dataclasses.asdict(config)
+
+
+def spec_to_dict(spec: DataSpec) -> dict[str, Any]:
+    return {"kind": "image" if isinstance(spec, ImageSpec) else "text", **dataclasses.asdict(spec)}
+
+
+def spec_from_dict(data: dict[str, Any]) -> DataSpec:
+    fields = {k: v for k, v in data.items() if k != "kind"}
+    return ImageSpec(**fields) if data["kind"] == "image" else TextSpec(**fields)
+
+
+def images_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) in 0..255 -> float in [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def unit_to_images(x: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] -> uint8 (B, C, H, W), rounded to the nearest level."""
+    return x.clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+
+
+LOG2 = math.log(2.0)

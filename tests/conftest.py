@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny per-family configs and synthetic batches of the right shape.
+
+Adding a family means adding its tiny config to ``TINY_CONFIGS``; the contract suite
+then covers it (``test_every_family_has_a_tiny_config`` fails until it is there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from genai_models.base import ImageSpec, TextSpec
+from genai_models.registry import REGISTRY
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+TINY_CONFIGS: dict[str, dict] = {
+    "vae": {"latent_dim": 4, "base_channels": 4, "hidden_dim": 16},
+    "dcgan": {"latent_dim": 8, "base_channels": 8},
+    "transformer_lm": {"d_model": 16, "num_layers": 1, "num_heads": 2, "dropout": 0.0},
+}
+TINY_IMAGE = ImageSpec(channels=1, height=8, width=8)
+TINY_TEXT = TextSpec(vocab_size=20, max_len=10, pad_id=0, bos_id=1, eos_id=2)
+
+
+def tiny_model(name: str, seed: int = 0):
+    family = REGISTRY[name]
+    torch.manual_seed(seed)
+    spec = TINY_IMAGE if family.modality == "image" else TINY_TEXT
+    return family.build(family.config_class(**TINY_CONFIGS[name]), spec)
+
+
+def tiny_batch(modality: str, batch_size: int = 8, seed: int = 0) -> torch.Tensor:
+    """A fixed batch: blocky uint8 images, or bos/tokens/eos/pad sequences of varied length."""
+    g = torch.Generator().manual_seed(seed)
+    if modality == "image":
+        coarse = torch.randint(0, 256, (batch_size, 1, 4, 4), generator=g, dtype=torch.uint8)
+        return coarse.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    batch = torch.full((batch_size, TINY_TEXT.max_len), TINY_TEXT.pad_id, dtype=torch.long)
+    for row in range(batch_size):
+        length = int(torch.randint(2, TINY_TEXT.max_len - 1, (1,), generator=g))
+        batch[row, 0] = TINY_TEXT.bos_id
+        batch[row, 1:length] = torch.randint(3, TINY_TEXT.vocab_size, (length - 1,), generator=g)
+        batch[row, length] = TINY_TEXT.eos_id
+    return batch
+
+
+@pytest.fixture(params=sorted(REGISTRY))
+def family_name(request) -> str:
+    return request.param
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, skipping the test when that folder is absent (a user's clone)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not available")
+    return path

@@ -1,0 +1,149 @@
+"""Contract tests, parametrized over the registry: every family answers the same questions."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from genai_models.base import Precision, TrainSettings
+from genai_models.registry import REGISTRY, register
+from tasks.checkpoints import load_model, model_checkpoint, save_torch
+from tests.conftest import TINY_CONFIGS, TINY_IMAGE, TINY_TEXT, tiny_batch, tiny_model
+
+
+def test_every_family_has_a_tiny_config():
+    assert set(TINY_CONFIGS) == set(REGISTRY)
+
+
+def test_registering_a_duplicate_name_is_an_error():
+    family = REGISTRY["vae"]
+    with pytest.raises(ValueError, match="already registered"):
+        register("vae", family.config_class, family.model_class)
+
+
+def test_loss_is_finite_and_gradients_reach_every_parameter(family_name):
+    model = tiny_model(family_name)
+    terms = model.loss(tiny_batch(model.modality))
+    assert terms["loss"].ndim == 0 and torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no finite gradient for {missing}"
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_a_training_step_changes_the_weights(family_name):
+    model = tiny_model(family_name)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = TrainSettings(learning_rate=1e-2)
+    terms = model.training_step(tiny_batch(model.modality), model.configure_optimizers(settings),
+                                Precision(torch.device("cpu"), enabled=True), settings)
+    assert all(torch.isfinite(v) for v in terms.values())
+    changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert len(changed) == len(before), f"unchanged: {set(before) - set(changed)}"
+
+
+def test_samples_have_the_data_shape_and_range(family_name):
+    model = tiny_model(family_name).eval()
+    samples = model.sample(5, torch.Generator().manual_seed(0))
+    if model.modality == "image":
+        assert samples.shape == (5, TINY_IMAGE.channels, TINY_IMAGE.height, TINY_IMAGE.width)
+        assert samples.dtype == torch.uint8
+    else:
+        assert samples.shape == (5, TINY_TEXT.max_len) and samples.dtype == torch.long
+        assert (samples[:, 0] == TINY_TEXT.bos_id).all()
+        assert ((samples >= 0) & (samples < TINY_TEXT.vocab_size)).all()
+        for row in samples.tolist():  # exactly one eos, then only padding
+            assert row.count(TINY_TEXT.eos_id) == 1
+            assert all(t == TINY_TEXT.pad_id for t in row[row.index(TINY_TEXT.eos_id) + 1:])
+            assert TINY_TEXT.pad_id not in row[:row.index(TINY_TEXT.eos_id)]
+
+
+def test_same_seed_same_samples_other_seed_other_samples(family_name):
+    model = tiny_model(family_name).eval()
+    first = model.sample(6, torch.Generator().manual_seed(3))
+    again = model.sample(6, torch.Generator().manual_seed(3))
+    other = model.sample(6, torch.Generator().manual_seed(4))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_save_load_gives_the_same_model(family_name, tmp_path):
+    model = tiny_model(family_name, seed=1).eval()
+    path = tmp_path / "model.pt"
+    save_torch(model_checkpoint(model, family_name), path)
+    loaded = load_model(path)
+    assert type(loaded) is type(model) and loaded.config == model.config
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(model.sample(4, generator()), loaded.sample(4, generator()))
+    if model.has_likelihood:
+        batch = tiny_batch(model.modality)
+        assert torch.allclose(model.log_likelihood(batch, generator=generator()),
+                              loaded.log_likelihood(batch, generator=generator()))
+
+
+def test_log_likelihood_is_per_example_and_at_most_zero(family_name):
+    model = tiny_model(family_name).eval()
+    if not model.has_likelihood:
+        with pytest.raises(NotImplementedError):
+            model.log_likelihood(tiny_batch(model.modality))
+        return
+    ll = model.log_likelihood(tiny_batch(model.modality), generator=torch.Generator().manual_seed(0))
+    assert ll.shape == (8,) and torch.isfinite(ll).all() and (ll <= 0).all()
+
+
+def test_overfits_one_batch(family_name):
+    """A few hundred steps on one fixed batch cut the training loss substantially."""
+    model = tiny_model(family_name)
+    batch = tiny_batch(model.modality, batch_size=16)
+    settings = TrainSettings(learning_rate=3e-3)
+    optimizers, precision = model.configure_optimizers(settings), Precision(torch.device("cpu"), enabled=False)
+    torch.manual_seed(0)
+    if model.has_likelihood:
+        measure = lambda: -float(model.log_likelihood(batch, generator=torch.Generator().manual_seed(0)).mean())  # noqa: E731
+    else:  # GAN: the discriminator learns to tell this batch from samples
+        measure = lambda: float(model.loss(batch)["discriminator"])  # noqa: E731
+    start = measure()
+    for _ in range(300):
+        model.training_step(batch, optimizers, precision, settings)
+    end = measure()
+    assert end < 0.5 * start, f"{family_name}: {start:.3f} -> {end:.3f}"
+
+
+def test_transformer_is_causal():
+    """The logits at position t do not depend on tokens after t (checked through gradients)."""
+    model = tiny_model("transformer_lm").eval()
+    tokens = tiny_batch("text", batch_size=1)
+    embeddings = model.token_embedding(tokens).detach().requires_grad_(True)
+    positions = torch.arange(tokens.shape[1])
+    x = embeddings + model.position_embedding(positions)
+    for block in model.blocks:
+        x = block(x)
+    t = 4
+    model.head(model.norm(x))[0, t].sum().backward()
+    grad_by_position = embeddings.grad[0].abs().sum(-1)
+    assert (grad_by_position[t + 1:] == 0).all()
+    assert (grad_by_position[:t + 1] > 0).all()
+
+
+def test_vae_importance_weighted_bound_is_tighter_than_the_elbo():
+    torch.manual_seed(0)
+    model = tiny_model("vae").eval()
+    batch = tiny_batch("image", batch_size=16)
+    elbo = model.log_likelihood(batch, importance_samples=1, generator=torch.Generator().manual_seed(0))
+    elbo_mean = torch.stack([model.log_likelihood(batch, 1, torch.Generator().manual_seed(s)) for s in range(20)]).mean()
+    iwae = model.log_likelihood(batch, importance_samples=64, generator=torch.Generator().manual_seed(1))
+    assert elbo.shape == iwae.shape == (16,)
+    assert iwae.mean() > elbo_mean
+
+
+def test_vae_kl_is_zero_for_a_standard_normal_and_matches_torch_distributions():
+    from torch.distributions import Normal, kl_divergence
+
+    from genai_models.vae import kl_to_standard_normal
+
+    assert torch.equal(kl_to_standard_normal(torch.zeros(3, 4), torch.zeros(3, 4)), torch.zeros(3))
+    mu, logvar = torch.randn(5, 4), torch.randn(5, 4)
+    expected = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(-1)
+    assert torch.allclose(kl_to_standard_normal(mu, logvar), expected, atol=1e-5)

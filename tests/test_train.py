@@ -1,0 +1,112 @@
+"""The training loop: seeded batches, resume to identical weights, NaN detection, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tasks import paths
+from tasks.config import parse_params
+from tasks.data import prepare_images, prepare_text
+from tasks.train import Trainer, TrainingDiverged, batch_indices, train_family
+from tests.conftest import REPO_ROOT, TINY_CONFIGS
+
+
+def tiny_params(steps: int = 6, checkpoint_every: int = 3) -> dict:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["data"]["images"]["max_train"] = 256
+    params["data"]["text"]["max_train"] = 200
+    for name, block in params["families"].items():
+        block["model"] = dict(TINY_CONFIGS[name])
+        block["train"].update(steps=steps, batch_size=16, log_every=2, checkpoint_every=checkpoint_every,
+                              num_samples=4)
+    return params
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A working directory with prepared mnist-5k and lee-news data (tiny caps)."""
+    monkeypatch.chdir(tmp_path)
+    config = parse_params(tiny_params())
+    prepare_images(config.data.images, config.seed, paths.IMAGE_DATA)
+    prepare_text(config.data.text, config.seed, paths.TEXT_DATA)
+    return tmp_path
+
+
+def test_batch_indices_cover_each_epoch_once_and_depend_only_on_the_step():
+    first_epoch = torch.cat([batch_indices(s, 10, 3, seed=0) for s in range(3)])
+    assert len(set(first_epoch.tolist())) == 9  # 3 full batches, the last partial one dropped
+    assert torch.equal(batch_indices(4, 10, 3, seed=0), batch_indices(4, 10, 3, seed=0))
+    assert not torch.equal(batch_indices(0, 10, 3, seed=0), batch_indices(3, 10, 3, seed=0))
+
+
+@pytest.mark.parametrize("family", ["vae", "dcgan", "transformer_lm"])
+def test_resumed_training_ends_with_the_same_weights(workspace, family, monkeypatch):
+    config = parse_params(tiny_params(steps=6, checkpoint_every=3))
+    uninterrupted = Trainer(config, family)
+    uninterrupted.fit()
+
+    interrupted = Trainer(config, family)
+    original_save = Trainer.save_state
+
+    def save_then_die(self):
+        original_save(self)
+        raise KeyboardInterrupt  # the process dies right after the step-3 checkpoint
+
+    monkeypatch.setattr(Trainer, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    monkeypatch.setattr(Trainer, "save_state", original_save)
+
+    resumed = Trainer(config, family)
+    resumed.try_resume()
+    assert resumed.step == 3
+    resumed.fit()
+    for (name, a), b in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), f"{family}: {name} differs after resume"
+
+
+def test_state_from_another_config_is_not_resumed(workspace):
+    config = parse_params(tiny_params(steps=6, checkpoint_every=3))
+    trainer = Trainer(config, "vae")
+    trainer.step = 3
+    trainer.save_state()
+    other = tiny_params(steps=6, checkpoint_every=3)
+    other["families"]["vae"]["train"]["learning_rate"] = 0.5
+    fresh = Trainer(parse_params(other), "vae")
+    fresh.try_resume()
+    assert fresh.step == 0
+
+
+def test_a_nan_loss_stops_training_naming_family_step_and_term(workspace, monkeypatch):
+    config = parse_params(tiny_params(steps=6))
+    trainer = Trainer(config, "vae")
+    real_step = trainer.model.training_step
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        terms = real_step(*args, **kwargs)
+        if calls["n"] == 2:
+            terms["kl"] = torch.tensor(float("nan"))
+        return terms
+
+    monkeypatch.setattr(trainer.model, "training_step", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"vae: loss term 'kl' is nan at step 2"):
+        trainer.fit()
+    assert trainer.step == 1
+
+
+def test_train_family_writes_checkpoint_curve_samples_and_summary(workspace):
+    config = parse_params(tiny_params(steps=4))
+    for family in ("vae", "transformer_lm"):
+        out = train_family(config, family)
+        assert {"model.pt", "loss.csv", "config.json", "summary.json"} <= {p.name for p in out.iterdir()}
+        assert (out / ("samples.png" if family == "vae" else "samples.txt")).stat().st_size > 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == 4 and summary["train_samples_per_s"] > 0 and summary["wall_s"] > 0
+        assert (out / "loss.csv").read_text().splitlines()[0].startswith("step,loss")
+        assert not (paths.RUN_STATE / family / "state.pt").exists()
