@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 from tasks.config import ParamsError, load_params
@@ -56,14 +59,45 @@ def run(argv: list[str] | None = None) -> Path | None:
     return None
 
 
+def stop_when_parent_dies(env_var: str = "GENAI_PIPELINE_PARENT_PID") -> None:
+    """When the flow started this step (it sets ``env_var``), exit once the flow's process is gone.
+
+    A killed flow must not leave its steps running on as orphans beside the next run.
+    The step's own atomic writes make stopping at any point safe.
+    """
+    pid = int(os.environ.get(env_var) or 0)
+    if pid <= 0:
+        return
+    import psutil
+
+    def alive() -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(1.0)
+        log.error("the pipeline process %d that started this step is gone (killed?): stopping", pid)
+        logging.shutdown()
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    stop_when_parent_dies()
+    from tasks.checkpoints import CheckpointError
     from tasks.datasets import DataError
+    from tasks.io import DiskFullError
     from tasks.train import TrainingDiverged
 
+    expected = (ParamsError, DataError, FileNotFoundError, TrainingDiverged, CheckpointError, DiskFullError)
     try:
         output = run(argv)
-    except (ParamsError, DataError, FileNotFoundError, TrainingDiverged) as err:
+    except expected as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if output is not None:

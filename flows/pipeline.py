@@ -7,7 +7,9 @@ records the result in ``dvc.lock`` (``dvc commit``). So a flow run and ``dvc rep
 do the same work, skip the same things, and a ``dvc repro`` after a flow run is a no-op.
 
 What Prefect adds: runs on a schedule (see flows/deploy.py), retries, concurrency of
-independent stages, and a UI with every stage's logs.
+independent stages (threads, or a Dask cluster: params.yaml ``orchestration``), and a UI
+with every stage's logs. One run per checkout at a time; a run whose process was killed
+is marked Crashed by the next one (flows/run_lock.py).
 
     python -m flows.pipeline            # run (starts a temporary Prefect server if none is configured)
     python -m flows.pipeline --force    # re-run every stage
@@ -17,23 +19,28 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.futures import wait  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from tasks.config import load_params  # noqa: E402
+from flows.run_lock import dvc_lock, run_lock  # noqa: E402
+from tasks.config import OrchestrationConfig, ParamsError, PipelineConfig, load_params  # noqa: E402
+from tasks.datasets import DataError, check_sources  # noqa: E402
+from tasks.io import atomic_write_json  # noqa: E402
 
-# DVC takes a repository lock for status and commit; stages finishing together queue here.
-_DVC_LOCK = threading.Lock()
+LAST_RUN = Path(".runs/pipeline-last-run.json")  # what the last finished run did (stages, times, workers)
+PARENT_PID = "GENAI_PIPELINE_PARENT_PID"  # a stage process exits when this process is gone (flows/cli.py)
 
 
 @dataclass
@@ -42,6 +49,9 @@ class StageRun:
     ran: bool
     wall_s: float = 0.0
     reason: str = ""
+    started: float = 0.0   # epoch seconds
+    finished: float = 0.0
+    worker: str = ""       # host:pid of the process that ran the stage's command
 
 
 def stage_order(repo_root: Path) -> list[tuple[str, str, list[str]]]:
@@ -49,7 +59,7 @@ def stage_order(repo_root: Path) -> list[tuple[str, str, list[str]]]:
     import networkx as nx
     from dvc.repo import Repo
 
-    with _DVC_LOCK, Repo(str(repo_root)) as repo:
+    with dvc_lock(repo_root), Repo(str(repo_root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         order = [stage for generation in nx.topological_generations(graph.reverse()) for stage in generation]
         return [(s.addressing, s.cmd, [u.addressing for u in graph.successors(s)]) for s in order]
@@ -59,7 +69,7 @@ def stage_changes(repo_root: Path, name: str) -> list:
     """What DVC says changed for the stage; empty when it is up to date."""
     from dvc.repo import Repo
 
-    with _DVC_LOCK, Repo(str(repo_root)) as repo:
+    with dvc_lock(repo_root), Repo(str(repo_root)) as repo:
         return repo.status(targets=[name]).get(name, [])
 
 
@@ -67,7 +77,7 @@ def commit_stage(repo_root: Path, name: str) -> None:
     """Record the stage's deps and outs in dvc.lock and its outs in the DVC cache."""
     from dvc.repo import Repo
 
-    with _DVC_LOCK, Repo(str(repo_root)) as repo:
+    with dvc_lock(repo_root), Repo(str(repo_root)) as repo:
         repo.commit(name, force=True)
 
 
@@ -77,6 +87,7 @@ def _stage_environment(parallel: int) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if parallel > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    env[PARENT_PID] = str(os.getpid())
     return env
 
 
@@ -88,8 +99,9 @@ def reproduce_stage(repo_root: Path, name: str, command: str, force: bool, paral
     if not changes:
         logger.info("%s is up to date: skipped", name)
         return StageRun(name, ran=False)
-    logger.info("%s: running `%s` (%s)", name, command, _describe(changes))
-    start = time.perf_counter()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    logger.info("%s: running `%s` on %s (%s)", name, command, worker, _describe(changes))
+    started, start = time.time(), time.perf_counter()
     process = subprocess.Popen(command, shell=True, cwd=repo_root, env=_stage_environment(parallel),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     tail: list[str] = []
@@ -101,7 +113,8 @@ def reproduce_stage(repo_root: Path, name: str, command: str, force: bool, paral
     wall = time.perf_counter() - start
     commit_stage(repo_root, name)
     logger.info("%s done in %.1f s", name, wall)
-    return StageRun(name, ran=True, wall_s=round(wall, 2), reason=_describe(changes))
+    return StageRun(name, ran=True, wall_s=round(wall, 2), reason=_describe(changes), started=started,
+                    finished=started + wall, worker=worker)
 
 
 def _describe(changes: list) -> str:
@@ -115,24 +128,67 @@ def _describe(changes: list) -> str:
     return "; ".join(parts)
 
 
+def check_inputs(root: Path, params_file: str = "params.yaml") -> PipelineConfig:
+    """Validate params.yaml and check the data it names is there: one clear error before any work.
+
+    Raises ``ParamsError`` or ``DataError``.
+    """
+    config = load_params(root / params_file)
+    check_sources(config.data.images, config.data.text, base=root)
+    return config
+
+
+def make_task_runner(orchestration: OrchestrationConfig):
+    """Threads in this process, or a Dask cluster (local, or the scheduler at ``dask_address``)."""
+    if orchestration.task_runner == "thread":
+        return ThreadPoolTaskRunner(max_workers=orchestration.max_parallel_stages)
+    from prefect_dask import DaskTaskRunner
+
+    if orchestration.dask_address:
+        return DaskTaskRunner(address=orchestration.dask_address)
+    _share_api_with_dask_workers()
+    # One single-threaded worker process per parallel stage: each stage is a subprocess anyway.
+    return DaskTaskRunner(cluster_kwargs={"n_workers": orchestration.max_parallel_stages,
+                                          "threads_per_worker": 1, "processes": True})
+
+
+def _share_api_with_dask_workers() -> None:
+    """Without a configured server, start the temporary one now and hand its URL to the workers."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the same instance this process's own client will use
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the worker processes
+
+
 @flow(name="genai-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(repo_root: str = ".", params_file: str = "params.yaml", force: bool = False) -> dict:
     """Run every out-of-date stage of dvc.yaml; returns what ran and the report's path."""
     logger = get_run_logger()
     root = Path(repo_root).resolve()
-    config = load_params(root / params_file)  # invalid params stop the run before any work
-    parallel = config.orchestration.max_parallel_stages
-    futures = {}
-    for name, command, upstream in stage_order(root):
-        futures[name] = reproduce_stage.submit(root, name, command, force, parallel,
-                                               wait_for=[futures[u] for u in upstream])
-    runs = [future.result() for future in futures.values()]
+    config = check_inputs(root, params_file)  # invalid params or missing data stop the run before any work
+    with run_lock(root, flow_run.id) as crashed:
+        for run_id in crashed:
+            logger.warning("an earlier run (flow run %s) was killed before it finished: marked Crashed", run_id)
+        futures = {}
+        for name, command, upstream in stage_order(root):
+            futures[name] = reproduce_stage.submit(root, name, command, force, config.orchestration.max_parallel_stages,
+                                                   wait_for=[futures[u] for u in upstream])
+        wait(list(futures.values()))  # leave the lock only when no stage is running
+        runs = [future.result() for future in futures.values()]
     ran = [r for r in runs if r.ran]
     if ran:
         logger.info("ran %d of %d stages: %s", len(ran), len(runs), ", ".join(f"{r.name} ({r.wall_s} s)" for r in ran))
     else:
         logger.info("nothing changed: all %d stages are up to date", len(runs))
-    return {"ran": [r.__dict__ for r in ran], "stages": len(runs), "report": str(root / config.report.path)}
+    result = {"ran": [asdict(r) for r in ran], "stages": len(runs), "report": str(root / config.report.path),
+              "flow_run": str(flow_run.id), "task_runner": config.orchestration.task_runner}
+    atomic_write_json(root / LAST_RUN, result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,8 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     args = parser.parse_args(argv)
-    config = load_params(Path(args.repo) / args.params)
-    runner = ThreadPoolTaskRunner(max_workers=config.orchestration.max_parallel_stages)
+    try:
+        config = check_inputs(Path(args.repo).resolve(), args.params)
+    except (ParamsError, DataError) as err:  # before any Prefect server starts or any stage runs
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    runner = make_task_runner(config.orchestration)
     result = pipeline.with_options(task_runner=runner)(args.repo, args.params, args.force)
     print(f"report: {result['report']}")
     return 0

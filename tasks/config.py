@@ -76,6 +76,14 @@ class TrainConfig(_Strict):
     log_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(200, gt=0)
     num_samples: int = Field(64, gt=0)  # samples written next to the checkpoint
+    eval_every: int | None = Field(None, gt=0)  # validation loss every N steps (into loss.csv)
+    keep_best: bool = False  # end with the weights of the lowest validation loss (needs eval_every)
+
+    @model_validator(mode="after")
+    def _best_needs_eval(self) -> "TrainConfig":
+        if self.keep_best and not self.eval_every:
+            raise ValueError("keep_best needs eval_every: validation loss is only measured every eval_every steps")
+        return self
 
 
 class FamilyConfig(_Strict):
@@ -120,6 +128,32 @@ class OrchestrationConfig(_Strict):
     # Stages the Prefect flow runs at once. Each stage is a process using all cores, so
     # more than 1 only pays off with spare cores or GPUs.
     max_parallel_stages: int = Field(1, gt=0)
+    # thread: stages run from threads of the flow's process; dask: from Dask workers.
+    task_runner: Literal["thread", "dask"] = "thread"
+    # dask only: a scheduler address (tcp://host:8786); null starts a local cluster of
+    # max_parallel_stages single-threaded worker processes.
+    dask_address: str | None = None
+    # When `python -m flows.deploy` retrains: a cron expression, in UTC.
+    schedule: str = "0 3 * * *"
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, schedule: str) -> str:
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError  # what Prefect's cron schedules use
+
+        try:
+            CronSim(schedule, datetime(2000, 1, 1))
+        except CronSimError as err:
+            raise ValueError(f"not a cron expression ({err}); e.g. '0 3 * * *' is every day at 03:00") from None
+        return schedule
+
+    @model_validator(mode="after")
+    def _address_for_dask(self) -> "OrchestrationConfig":
+        if self.dask_address and self.task_runner != "dask":
+            raise ValueError("dask_address is only used with task_runner: dask")
+        return self
 
 
 class PipelineConfig(_Strict):

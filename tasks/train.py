@@ -23,7 +23,9 @@ from PIL import Image
 from genai_models.base import DataSpec, GenerativeModel, Precision, TrainSettings, config_to_dict
 from genai_models.registry import get_family
 from tasks import data, paths
-from tasks.checkpoints import load_torch, model_checkpoint, save_torch
+from tasks.checkpoints import (
+    CheckpointError, checksum_path, load_torch, model_checkpoint, recover_interrupted_save, save_torch,
+)
 from tasks.config import PipelineConfig, TrainConfig
 from tasks.io import atomic_write_json, replace_directory, sha256_file
 from tasks.runtime import StepClock, device_name, format_duration, resolve_device, seed_everything
@@ -89,10 +91,12 @@ class Trainer:
         self.optimizers = self.model.configure_optimizers(self.settings)
         self.precision = Precision(self.device, config.mixed_precision)
         self.state_dir = paths.RUN_STATE / family
+        recover_interrupted_save(self.state_dir / "state.pt")  # a previous run may have been killed mid-save
         self.fingerprint = self._fingerprint()
         self.step = 0
         self.curve: list[dict[str, float]] = []
         self.train_seconds = 0.0
+        self.best: dict | None = None  # {"step", "val_loss", "weights"} when keep_best
 
     def _fingerprint(self) -> str:
         """What a resumable state must match: family, configs, seed, data."""
@@ -107,7 +111,7 @@ class Trainer:
     def save_state(self) -> None:
         save_torch({
             "fingerprint": self.fingerprint, "step": self.step, "curve": self.curve,
-            "train_seconds": self.train_seconds,
+            "train_seconds": self.train_seconds, "best": self.best,
             "model": self.model.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "scaler": self.precision.scaler.state_dict(),
@@ -119,7 +123,11 @@ class Trainer:
         path = self.state_dir / "state.pt"
         if not path.exists():
             return
-        state = load_torch(path, map_location=self.device)
+        try:
+            state = load_torch(path, map_location=self.device)
+        except CheckpointError as err:
+            log.warning("%s: not resuming, training from step 0: %s", self.family, err)
+            return
         if state.get("fingerprint") != self.fingerprint:
             log.info("%s: ignoring saved state in %s (made with other config or data)", self.family, path)
             return
@@ -131,6 +139,7 @@ class Trainer:
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.step, self.curve, self.train_seconds = state["step"], state["curve"], state["train_seconds"]
+        self.best = state["best"]
         log.info("%s: resumed from step %d (%s)", self.family, self.step, path)
 
     # --- the loop --------------------------------------------------------------------
@@ -152,12 +161,30 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 rate = window_examples / max(elapsed, 1e-9)
                 self.curve.append({"step": self.step, **values, "samples_per_s": round(rate, 1)})
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._validate_and_track_best()
                 eta = (total - self.step) * cfg.batch_size / max(rate, 1e-9)
                 log.info("%s step %d/%d  %s  | %.0f samples/s | ETA %s", self.family, self.step, total,
                          "  ".join(f"{k} {v:.4g}" for k, v in values.items()), rate, format_duration(eta))
                 window_start, window_examples = time.perf_counter(), 0
             if self.step % cfg.checkpoint_every == 0 and self.step < total:
                 self.save_state()
+
+    def _validate_and_track_best(self) -> None:
+        """Validation loss into the curve; with keep_best, remember the best weights so far."""
+        val_loss = self.validation_loss()
+        self.curve[-1]["val_loss"] = round(val_loss, 6)
+        log.info("%s step %d  validation loss %.4g", self.family, self.step, val_loss)
+        if self.train_config.keep_best and (self.best is None or val_loss < self.best["val_loss"]):
+            weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self.best = {"step": self.step, "val_loss": val_loss, "weights": weights}
+
+    def restore_best(self) -> None:
+        """With keep_best: load the weights of the lowest validation loss seen."""
+        if self.train_config.keep_best and self.best is not None:
+            self.model.load_state_dict(self.best["weights"])
+            log.info("%s: keeping the weights of step %d (validation loss %.4g)", self.family,
+                     self.best["step"], self.best["val_loss"])
 
     def _check_finite(self, values: dict[str, float]) -> None:
         for name, value in values.items():
@@ -169,14 +196,20 @@ class Trainer:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean ``loss`` over the validation split, in eval mode."""
+        """Mean ``loss`` over the validation split, in eval mode.
+
+        Stochastic objectives (VAE, GAN) see fixed noise; the training random stream is
+        left untouched, so validating does not change what training does next.
+        """
         self.model.eval()
-        torch.manual_seed(self.config.seed)  # stochastic objectives (VAE, GAN) see fixed noise
         batch_size, total, count = self.train_config.batch_size, 0.0, 0
-        for start in range(0, self.data.val.shape[0], batch_size):
-            batch = self.data.val[start:start + batch_size].to(self.device)
-            total += float(self.model.loss(batch)["loss"]) * batch.shape[0]
-            count += batch.shape[0]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed)
+            for start in range(0, self.data.val.shape[0], batch_size):
+                batch = self.data.val[start:start + batch_size].to(self.device)
+                total += float(self.model.loss(batch)["loss"]) * batch.shape[0]
+                count += batch.shape[0]
         self.model.train()
         return total / max(count, 1)
 
@@ -216,6 +249,7 @@ def train_family(config: PipelineConfig, family: str) -> Path:
              device_name(trainer.device), trainer.precision.name, trainer.data.train.shape[0])
     trainer.try_resume()
     trainer.fit()
+    trainer.restore_best()
     val_loss = trainer.validation_loss()
     log.info("%s: validation loss %.4g", family, val_loss)
     out = paths.model_dir(family)
@@ -235,7 +269,9 @@ def train_family(config: PipelineConfig, family: str) -> Path:
             "train_samples_per_s": round(examples / max(trainer.train_seconds, 1e-9), 1),
             "final_train_loss": trainer.curve[-1]["loss"] if trainer.curve else None,
             "val_loss": val_loss, "parameters": parameters, "torch": torch.__version__,
+            "best_step": trainer.best["step"] if trainer.best else None,
         })
     # The resumable state is only useful while the run is unfinished.
-    (trainer.state_dir / "state.pt").unlink(missing_ok=True)
+    for path in (trainer.state_dir / "state.pt", checksum_path(trainer.state_dir / "state.pt")):
+        path.unlink(missing_ok=True)
     return out

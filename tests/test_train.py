@@ -100,6 +100,31 @@ def test_a_nan_loss_stops_training_naming_family_step_and_term(workspace, monkey
     assert trainer.step == 1
 
 
+def test_a_diverged_run_keeps_the_last_good_checkpoint_and_the_previous_model(workspace, monkeypatch):
+    from genai_models.base import GenerativeModel
+    from tasks.checkpoints import load_torch
+
+    previous = train_family(parse_params(tiny_params(steps=4)), "vae")  # an earlier, finished model
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
+    changed = tiny_params(steps=8, checkpoint_every=2)
+    changed["families"]["vae"]["train"]["learning_rate"] = 0.002
+    real_step, calls = GenerativeModel.training_step, {"n": 0}
+
+    def inf_at_step_5(self, *args, **kwargs):
+        calls["n"] += 1
+        terms = real_step(self, *args, **kwargs)
+        if calls["n"] == 5:
+            terms["loss"] = torch.tensor(float("inf"))
+        return terms
+
+    monkeypatch.setattr(GenerativeModel, "training_step", inf_at_step_5)
+    with pytest.raises(TrainingDiverged, match=r"vae: loss term 'loss' is inf at step 5"):
+        train_family(parse_params(changed), "vae")
+    assert calls["n"] == 5  # stopped within the step that diverged
+    assert load_torch(paths.RUN_STATE / "vae" / "state.pt")["step"] == 4  # the last good state, verified
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
+
+
 def test_train_family_writes_checkpoint_curve_samples_and_summary(workspace):
     config = parse_params(tiny_params(steps=4))
     for family in ("vae", "transformer_lm"):

@@ -1,0 +1,121 @@
+"""Throw-away copies of the pipeline for tests that run its real entry points.
+
+``make_repo`` builds a git + DVC repository in a temporary folder with the project's code,
+a tiny ``params.yaml`` and a ``dvc.yaml`` cut down to a few families (every stage and
+dependency of the others removed), so flow, DVC and scheduling tests stay quick while
+exercising the real stage definitions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+from tests.conftest import REPO_ROOT
+from tests.test_end_to_end import CODE, tiny_pipeline_params
+
+PYTHON = sys.executable
+
+
+def dvc_yaml_for(families: Iterable[str]) -> dict:
+    """The project's dvc.yaml with only ``families``' stages and the dependencies on them."""
+    keep = set(families)
+    spec = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    everyone = set(yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["families"])
+    dropped = everyone - keep
+    pattern = re.compile(r"(^|/)(" + "|".join(map(re.escape, sorted(dropped))) + r")(/|\.json$|$)") if dropped else None
+
+    def about_dropped(entry) -> bool:
+        path = entry if isinstance(entry, str) else next(iter(entry))
+        return bool(pattern and pattern.search(str(path)))
+
+    stages = {}
+    for name, stage in spec["stages"].items():
+        stage = dict(stage)
+        if "foreach" in stage:
+            items = stage["foreach"]
+            items = {k: v for k, v in items.items() if k in keep} if isinstance(items, dict) else [
+                i for i in items if i in keep]
+            if not items:
+                continue
+            stage["foreach"] = items
+        else:
+            for key in ("deps", "outs", "metrics"):
+                if key in stage:
+                    stage[key] = [e for e in stage[key] if not about_dropped(e)]
+        stages[name] = stage
+    spec["stages"] = stages
+    spec["plots"] = [p for p in spec.get("plots", []) if not about_dropped(p)]
+    return spec
+
+
+def tiny_params(families: Iterable[str]) -> dict:
+    """The end-to-end test's tiny params, with only ``families``."""
+    params = tiny_pipeline_params()
+    params["families"] = {k: v for k, v in params["families"].items() if k in set(families)}
+    return params
+
+
+def clean_env(root: Path, **extra: str) -> dict[str, str]:
+    """Environment for subprocesses: this venv first, no outside Prefect/DVC settings, one thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DVC_", "GENAI_"))}
+    env.update({
+        "PATH": os.pathsep.join([str(Path(PYTHON).parent), env.get("PATH", "")]),
+        "PREFECT_HOME": str(root / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    })
+    env.update(extra)
+    return env
+
+
+def make_repo(root: Path, families: Iterable[str] = ("vae",), params: dict | None = None,
+              stages: Iterable[str] | None = None) -> Path:
+    """A committed git + DVC repository at ``root`` with the code, tiny params and a cut-down dvc.yaml.
+
+    ``stages``: keep only these stages of the cut-down dvc.yaml (default: all).
+    """
+    families = list(families)
+    root.mkdir(parents=True, exist_ok=True)
+    for item in CODE:
+        source = REPO_ROOT / item
+        if source.is_dir():
+            shutil.copytree(source, root / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (root / item).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / item)
+    spec = dvc_yaml_for(families)
+    if stages is not None:
+        spec["stages"] = {name: stage for name, stage in spec["stages"].items() if name in set(stages)}
+        spec.pop("plots", None)
+    (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(families), sort_keys=False))
+    (root / ".gitignore").write_text((root / ".gitignore").read_text() + "/.prefect/\n")
+    env = clean_env(root)
+    run(["git", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-q", "-m", "tiny pipeline"], root, env)
+    return root
+
+
+def run(args: list[str], cwd: Path, env: dict, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command; with ``check``, fail the test showing its output tails."""
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
