@@ -137,6 +137,15 @@ class GenerativeModel(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} has no likelihood")
 
+    def likelihood_bounds(self, iw_samples: int) -> dict[str, tuple[int, str]]:
+        """Bound families: what evaluation reports, as metric suffix -> (importance_samples, how it is made).
+
+        The default is the pair of a latent-variable model: the ELBO and the importance-weighted
+        bound with ``iw_samples`` samples. A family whose bound does not tighten with more samples
+        (e.g. a diffusion model's bound, estimated by Monte Carlo) reports only ``_elbo``.
+        """
+        return {"_elbo": (1, "-ELBO (k=1)"), "_iwae": (iw_samples, f"IWAE bound, k={iw_samples}")}
+
     # --- training ------------------------------------------------------------------------
     def configure_optimizers(self, settings: TrainSettings) -> list[torch.optim.Optimizer]:
         return [

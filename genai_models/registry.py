@@ -45,8 +45,13 @@ def get_family(name: str) -> Family:
 
 
 # Registration order is the order of the report's tables.
-from genai_models import dcgan, transformer_lm, vae  # noqa: E402
+from genai_models import dcgan, ddpm, gmm, pixelcnn, realnvp, transformer_lm, vae, wgan_gp  # noqa: E402
 
 register("vae", vae.VAEConfig, vae.VAE)
 register("dcgan", dcgan.DCGANConfig, dcgan.DCGAN)
 register("transformer_lm", transformer_lm.TransformerLMConfig, transformer_lm.TransformerLM)
+register("pixelcnn", pixelcnn.PixelCNNConfig, pixelcnn.PixelCNN)
+register("realnvp", realnvp.RealNVPConfig, realnvp.RealNVP)
+register("ddpm", ddpm.DDPMConfig, ddpm.DDPM)
+register("wgan_gp", wgan_gp.WGANGPConfig, wgan_gp.WGANGP)
+register("gmm", gmm.GMMConfig, gmm.GMM)

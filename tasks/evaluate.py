@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -43,13 +44,14 @@ def _fid_of(extractor, images: torch.Tensor, reference: tuple, device: torch.dev
 
 @torch.no_grad()
 def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.device) -> tuple[dict, dict]:
-    """Test NLL in nats/image and bits/dim: exact, or -ELBO and the k-sample IWAE bound."""
+    """Test NLL in nats/image and bits/dim: exact, or the bounds the family names (-ELBO, IWAE, ...)."""
     test = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "test")[0])
     num_dims = model.spec.num_dims
-    bounds = {"": 1} if not model.likelihood_is_bound else {"_elbo": 1, "_iwae": config.evaluate.iw_samples}
+    bounds = ({"": (1, "exact")} if not model.likelihood_is_bound
+              else model.likelihood_bounds(config.evaluate.iw_samples))
     metrics, how = {}, {}
-    batch_size = max(1, config.evaluate.batch_size // max(bounds.values()))
-    for suffix, k in bounds.items():
+    for suffix, (k, kind) in bounds.items():
+        batch_size = max(1, config.evaluate.batch_size // k)
         generator = torch.Generator(device=device).manual_seed(config.seed)
         log_likelihood = torch.cat([
             model.log_likelihood(test[i:i + batch_size].to(device), importance_samples=k, generator=generator).cpu()
@@ -58,7 +60,6 @@ def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.devi
         nats = float(-log_likelihood.mean())
         metrics[f"nll{suffix}_nats"] = nats
         metrics[f"bits_per_dim{suffix}"] = nats_to_bits_per_dim(nats, num_dims)
-        kind = "exact" if not suffix else ("-ELBO (k=1)" if k == 1 else f"IWAE bound, k={k}")
         how[f"nll{suffix}_nats"] = how[f"bits_per_dim{suffix}"] = (
             f"{kind}; {test.shape[0]} test images, 8-bit discrete pixels, {num_dims} dims")
     return metrics, how
@@ -127,6 +128,26 @@ def evaluate_text(model: GenerativeModel, config: PipelineConfig, device: torch.
     return metrics, how
 
 
+@torch.no_grad()
+def generation_speed(model: GenerativeModel, config: PipelineConfig) -> dict:
+    """Samples/s of ``model.sample`` for one batch of ``evaluate.batch_size`` (after a 2-sample warm-up).
+
+    A cost, not a metric: it goes into provenance.json, never into metrics/ (it depends on the machine).
+    """
+    count = config.evaluate.batch_size
+    generator = torch.Generator(device=model.device).manual_seed(config.seed)
+    model.sample(2, generator)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    start = time.perf_counter()
+    model.sample(count, generator)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    rate = count / max(time.perf_counter() - start, 1e-9)
+    return {"generation_samples_per_s": round(rate, 1),
+            "generation_how": f"model.sample({count}) once after a warm-up, on {device_name(model.device)}"}
+
+
 def load_reference_summary() -> dict:
     return json.loads((paths.FEATURE_EXTRACTOR / "summary.json").read_text())
 
@@ -143,13 +164,14 @@ def evaluate_family(config: PipelineConfig, family: str) -> Path:
         metrics, how = evaluate_text(model, config, device)
     for name, value in metrics.items():
         log.info("%s: %s = %.4f", family, name, value)
+    generation = generation_speed(model, config)
     out = paths.evaluation_dir(family)
     with replace_directory(out) as tmp:
         write_samples(model, 64 if model.modality == "image" else 20, config.seed, tmp)
         atomic_write_json(tmp / "provenance.json", {
             "family": family, "modality": model.modality, "how": {k: how[k] for k in metrics if k in how},
             "device": device_name(device), "torch": torch.__version__,
-            "genai_pipeline": importlib.metadata.version("genai-pipeline"), **clock.record(),
+            "genai_pipeline": importlib.metadata.version("genai-pipeline"), **generation, **clock.record(),
         })
     # Written last: a failure above leaves the previous metrics, and the stage unrecorded.
     atomic_write_json(paths.metrics_file(family), {k: round(v, 6) for k, v in metrics.items()})

@@ -198,6 +198,21 @@ def write_metrics_csv(results: list[FamilyResult], path: Path) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def cost_rows(results: list[FamilyResult]) -> list[dict]:
+    """Per family: training time and speed, generation speed, peak memory of its train and evaluate steps.
+
+    Read from models/<family>/summary.json and evaluation/<family>/provenance.json; a value a step
+    did not record (an older evaluation) is None and shows as a dash.
+    """
+    return [{
+        "family": r.name, "device": r.train.get("device"),
+        "train_seconds": r.train.get("train_seconds"), "train_samples_per_s": r.train.get("train_samples_per_s"),
+        "generation_samples_per_s": r.evaluation.get("generation_samples_per_s"),
+        "generation_how": r.evaluation.get("generation_how", ""),
+        "train_peak_rss_mb": r.train.get("peak_rss_mb"), "evaluate_peak_rss_mb": r.evaluation.get("peak_rss_mb"),
+    } for r in results]
+
+
 def render(config: PipelineConfig, results: list[FamilyResult], wall_s: float) -> str:
     environment = Environment(loader=PackageLoader("tasks", "templates"),
                               autoescape=select_autoescape(default=True, default_for_string=True))
@@ -208,6 +223,7 @@ def render(config: PipelineConfig, results: list[FamilyResult], wall_s: float) -
         title=config.report.title, image_table=comparison_table(image, IMAGE_METRICS) if image else None,
         text_table=comparison_table(text, TEXT_METRICS) if text else None, results=results,
         meta=run_metadata(config, results), report_wall_s=wall_s, reference_columns_set=REFERENCE_COLUMNS,
+        cost=cost_rows(results),
     )
 
 

@@ -21,6 +21,11 @@ TINY_CONFIGS: dict[str, dict] = {
     "vae": {"latent_dim": 4, "base_channels": 4, "hidden_dim": 16},
     "dcgan": {"latent_dim": 8, "base_channels": 8},
     "transformer_lm": {"d_model": 16, "num_layers": 1, "num_heads": 2, "dropout": 0.0},
+    "pixelcnn": {"hidden_channels": 8, "num_layers": 3},
+    "realnvp": {"hidden_channels": 32, "final_couplings": 2},
+    "ddpm": {"base_channels": 8, "num_train_timesteps": 100, "sample_steps": 5, "bound_samples": 1},
+    "wgan_gp": {"latent_dim": 8, "base_channels": 8, "n_critic": 2},
+    "gmm": {"num_components": 4, "latent_dim": 4},
 }
 TINY_IMAGE = ImageSpec(channels=1, height=8, width=8)
 TINY_TEXT = TextSpec(vocab_size=20, max_len=10, pad_id=0, bos_id=1, eos_id=2)

@@ -103,7 +103,7 @@ def test_overfits_one_batch(family_name):
     if model.has_likelihood:
         measure = lambda: -float(model.log_likelihood(batch, generator=torch.Generator().manual_seed(0)).mean())  # noqa: E731
     else:  # GAN: the discriminator learns to tell this batch from samples
-        measure = lambda: float(model.loss(batch)["discriminator"])  # noqa: E731
+        measure = lambda: float(model.loss(batch)["discriminator"].detach())  # noqa: E731
     start = measure()
     for _ in range(300):
         model.training_step(batch, optimizers, precision, settings)
