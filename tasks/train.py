@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
 from PIL import Image
 
 from genai_models.base import DataSpec, GenerativeModel, Precision, TrainSettings, config_to_dict
@@ -214,12 +213,28 @@ class Trainer:
         return total / max(count, 1)
 
 
+def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
+    """(N, C, H, W) uint8 images tiled into one (C, H', W') image, ``nrow`` per row, white gaps.
+
+    Written here rather than imported from torchvision: importing torchvision costs every
+    train and evaluate process about 1.5 s on a 2-core CPU.
+    """
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value,
+                      dtype=images.dtype)
+    for i, image in enumerate(images):
+        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        grid[:, top:top + h, left:left + w] = image
+    return grid
+
+
 def write_samples(model: GenerativeModel, num_samples: int, seed: int, out_dir: Path) -> Path:
     """A PNG grid (images) or a text file of sentences (text) drawn with a fixed seed."""
     generator = torch.Generator(device=model.device).manual_seed(seed)
     samples = model.sample(num_samples, generator).cpu()
     if model.modality == "image":
-        grid = make_grid(samples, nrow=int(math.ceil(math.sqrt(num_samples))), padding=2, pad_value=255)
+        grid = image_grid(samples, nrow=int(math.ceil(math.sqrt(num_samples))))
         buffer = io.BytesIO()
         Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format="PNG")
         path = out_dir / "samples.png"

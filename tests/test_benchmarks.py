@@ -63,3 +63,22 @@ def test_report_cost_section_shows_training_generation_and_memory(report_workspa
     assert "1234" in vae_row and "64" in vae_row and "100" in vae_row   # generation, training samples/s, RSS
     dcgan_row = next(row for row in cost.split("<tr>") if row.startswith("<td>dcgan</td>"))
     assert "—" in dcgan_row  # no generation speed recorded: a dash, not an error
+
+
+def test_flop_counter_agrees_with_torch_and_follows_a_gradient_penalty():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.training import FlopCounter
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    x = torch.randn(8, 16, requires_grad=True)
+    with FlopCounter() as ours:
+        net(x).sum().backward()
+    with FlopCounterMode(display=False) as reference:
+        net(x).sum().backward()
+    assert ours.total == reference.get_total_flops() > 0
+    with FlopCounter() as penalty:  # double backward, which FlopCounterMode refuses
+        (grad,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+        grad.pow(2).sum().backward()
+    assert penalty.total > ours.total

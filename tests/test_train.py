@@ -135,3 +135,15 @@ def test_train_family_writes_checkpoint_curve_samples_and_summary(workspace):
         assert summary["steps"] == 4 and summary["train_samples_per_s"] > 0 and summary["wall_s"] > 0
         assert (out / "loss.csv").read_text().splitlines()[0].startswith("step,loss")
         assert not (paths.RUN_STATE / family / "state.pt").exists()
+
+
+def test_image_grid_tiles_like_torchvision_make_grid():
+    from torchvision.utils import make_grid
+
+    from tasks.train import image_grid
+
+    for channels, count in ((1, 10), (3, 9)):
+        images = torch.randint(0, 256, (count, channels, 7, 5), dtype=torch.uint8)
+        ours, reference = image_grid(images, nrow=4), make_grid(images, nrow=4, padding=2, pad_value=255)
+        # torchvision turns one channel into three equal ones; ours keeps the channels it got.
+        assert torch.equal(ours, reference[:channels])
