@@ -89,3 +89,22 @@ def test_report_names_the_dvc_versions_it_was_made_from(report_workspace):
         {"path": "models/vae", "md5": "abc123.dir", "size": 1, "nfiles": 1}]}}}
     Path("dvc.lock").write_text(yaml.safe_dump(lock))
     assert "abc123.dir" in build_report(report_workspace).read_text()
+
+
+def test_headline_likelihood_is_the_exact_nll_or_the_tightest_bound():
+    from markupsafe import Markup
+
+    from tasks.report import FamilyResult, add_headline_likelihood
+
+    def result(metrics):
+        return FamilyResult("f", "image", dict(metrics), {k: "how" for k in metrics}, {}, {}, Markup(""))
+
+    bounds = result({"bits_per_dim_elbo": 1.7, "bits_per_dim_iwae": 1.6, "fid": 9.0})
+    add_headline_likelihood(bounds)
+    assert bounds.metrics["nll_bits_per_dim"] == 1.6 and bounds.how["nll_bits_per_dim"].startswith("IWAE bound")
+    exact = result({"bits_per_dim": 1.3})
+    add_headline_likelihood(exact)
+    assert exact.metrics["nll_bits_per_dim"] == 1.3 and exact.how["nll_bits_per_dim"].startswith("exact")
+    gan = result({"fid": 20.0})
+    add_headline_likelihood(gan)
+    assert "nll_bits_per_dim" not in gan.metrics
