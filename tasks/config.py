@@ -35,6 +35,10 @@ class ImageDataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)  # used where the source has no test split
     max_train: int | None = Field(None, gt=0)
+    # none: 8-bit grey levels. dynamic: black/white pixels, drawn as Bernoulli(level / 255) afresh
+    # for every training batch; val and test binarized once with the seed (the protocol of the
+    # binarized-MNIST likelihood literature). Values stay uint8 (0 or 255).
+    binarize: Literal["none", "dynamic"] = "none"
 
     @model_validator(mode="after")
     def _root_for_idx(self) -> "ImageDataConfig":

@@ -2,7 +2,8 @@
 
 Prepared image data (``out_dir``)::
 
-    {train,val,test}_images.npy   uint8 (N, C, H, W)
+    {train,val,test}_images.npy   uint8 (N, C, H, W); with ``binarize: dynamic`` val and test
+                                  hold 0/255 only (binarized once), train keeps its grey levels
     {train,val,test}_labels.npy   int64 (N,)
     manifest.json                 source + checksums, counts, class balance, config
 
@@ -100,6 +101,17 @@ def split_images(source: ImageSource, cfg: ImageDataConfig, seed: int) -> dict[s
     return splits
 
 
+def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 images -> uint8 0/255 images, each pixel white with probability level / 255."""
+    noise = torch.rand(images.shape, generator=generator, device=generator.device).to(images.device)
+    return (noise * 255 < images).to(torch.uint8) * 255
+
+
+def is_dynamically_binarized(data_dir: Path) -> bool:
+    """Whether prepared image data asks for a fresh binarization of every training batch."""
+    return load_image_manifest(data_dir)["config"].get("binarize", "none") == "dynamic"
+
+
 def prepare_images(cfg: ImageDataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
     """Read ``cfg.dataset``, split it with ``seed`` and write the split files to ``out_dir``.
 
@@ -108,6 +120,11 @@ def prepare_images(cfg: ImageDataConfig, seed: int, out_dir: Path) -> dict[str, 
     started = time.perf_counter()
     source = read_image_source(cfg)
     splits = split_images(source, cfg, seed)
+    if cfg.binarize == "dynamic":  # evaluation data is binarized once; train per batch (tasks.train)
+        for offset, split in enumerate(("val", "test"), start=1):
+            images, labels = splits[split]
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + offset)
+            splits[split] = (binarize(torch.from_numpy(images), generator).numpy(), labels)
     source_sha = {name: sha256_file(path) for name, path in sorted(source.files.items())}
     all_labels = np.concatenate([labels for _, labels in splits.values()])
     manifest: dict[str, Any] = {

@@ -49,6 +49,8 @@ def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.devi
     num_dims = model.spec.num_dims
     bounds = ({"": (1, "exact")} if not model.likelihood_is_bound
               else model.likelihood_bounds(config.evaluate.iw_samples))
+    pixels = ("binarized pixels (0/255; data.images.binarize: dynamic)"
+              if data.is_dynamically_binarized(paths.IMAGE_DATA) else "8-bit discrete pixels")
     metrics, how = {}, {}
     for suffix, (k, kind) in bounds.items():
         batch_size = max(1, config.evaluate.batch_size // k)
@@ -61,7 +63,7 @@ def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.devi
         metrics[f"nll{suffix}_nats"] = nats
         metrics[f"bits_per_dim{suffix}"] = nats_to_bits_per_dim(nats, num_dims)
         how[f"nll{suffix}_nats"] = how[f"bits_per_dim{suffix}"] = (
-            f"{kind}; {test.shape[0]} test images, 8-bit discrete pixels, {num_dims} dims")
+            f"{kind}; {test.shape[0]} test images, {pixels}, {num_dims} dims")
     return metrics, how
 
 

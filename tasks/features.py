@@ -38,10 +38,14 @@ def train_classifier(config: PipelineConfig, device: torch.device) -> tuple[Digi
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     model = DigitClassifier(data.image_spec(paths.IMAGE_DATA), ClassifierSpec(num_classes, cfg.feature_dim)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    binarized = data.is_dynamically_binarized(paths.IMAGE_DATA)  # then it sees images like the test split's
     model.train()
     for step in range(cfg.steps):
         index = batch_indices(step, train_x.shape[0], cfg.batch_size, config.seed)
-        loss = F.cross_entropy(model(train_x[index].to(device)), train_y[index].to(device))
+        batch = train_x[index]
+        if binarized:
+            batch = data.binarize(batch, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
+        loss = F.cross_entropy(model(batch.to(device)), train_y[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -114,4 +118,7 @@ def sample_real_images(count: int, seed: int) -> torch.Tensor:
     """``count`` real training images chosen with ``seed`` (all of them if there are fewer)."""
     images = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "train")[0])
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
-    return images[order[:count]]
+    chosen = images[order[:count]]
+    if data.is_dynamically_binarized(paths.IMAGE_DATA):  # compare like with the binarized test split
+        chosen = data.binarize(chosen, torch.Generator().manual_seed(seed))
+    return chosen

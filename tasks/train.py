@@ -42,6 +42,7 @@ class TrainingData:
     val: torch.Tensor
     spec: DataSpec
     checksum: str        # sha256 of the prepared data's manifest
+    binarize: bool = False  # draw every training batch's pixels as Bernoulli(level / 255)
 
 
 def load_training_data(modality: str) -> TrainingData:
@@ -55,7 +56,8 @@ def load_training_data(modality: str) -> TrainingData:
         vocab = data.load_vocab(folder)
         spec = data.text_spec(folder, vocab)
         split = lambda name: data.encode_sentences(data.load_text(folder, name), vocab, spec.max_len)  # noqa: E731
-    return TrainingData(split("train"), split("val"), spec, checksum)
+    binarized = modality == "image" and data.is_dynamically_binarized(folder)
+    return TrainingData(split("train"), split("val"), spec, checksum, binarized)
 
 
 def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -150,6 +152,9 @@ class Trainer:
             tick = time.perf_counter()
             index = batch_indices(self.step, self.data.train.shape[0], cfg.batch_size, self.config.seed)
             batch = self.data.train[index].to(self.device, non_blocking=True)
+            if self.data.binarize:  # seeded by the step, like the batch order: resuming sees the same pixels
+                noise = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step + 7)
+                batch = data.binarize(batch, noise)
             terms = self.model.training_step(batch, self.optimizers, self.precision, self.settings)
             values = {name: float(value) for name, value in terms.items()}
             self._check_finite(values)

@@ -396,3 +396,31 @@ def test_atomic_write_json_format(tmp_path: Path) -> None:
     atomic_write_json(tmp_path / "x.json", {"b": 1, "a": [1, 2]})
     assert (tmp_path / "x.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+# --- binarization (the binarized-MNIST likelihood protocol) -------------------------------
+def test_dynamic_binarization_binarizes_val_and_test_once_and_keeps_train_grey(mnist_5k_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    from tasks.data import is_dynamically_binarized
+
+    out = tmp_path / "binary"
+    prepare_images(ImageDataConfig(binarize="dynamic"), seed=0, out_dir=out)
+    assert is_dynamically_binarized(out) and not is_dynamically_binarized(mnist_5k_dir)
+    assert np.array_equal(load_images(out, "train")[0], load_images(mnist_5k_dir, "train")[0])
+    for split in ("val", "test"):
+        grey, binary = load_images(mnist_5k_dir, split)[0], load_images(out, split)[0]
+        assert set(np.unique(binary)) == {0, 255}
+        assert (binary[grey == 0] == 0).all() and (binary[grey == 255] == 255).all()  # certain pixels stay
+        # each pixel is white with probability level / 255: the mean level is preserved
+        assert abs(binary.mean() - grey.mean()) < 0.01 * 255
+    prepare_images(ImageDataConfig(binarize="dynamic"), seed=0, out_dir=tmp_path / "again")
+    assert file_hashes(tmp_path / "again") == file_hashes(out)
+
+
+def test_binarize_draws_each_pixel_with_probability_level_over_255() -> None:
+    from tasks.data import binarize
+
+    levels = torch.tensor([0, 51, 128, 204, 255], dtype=torch.uint8).repeat(20000, 1)
+    white = binarize(levels, torch.Generator().manual_seed(0)).float().mean(0) / 255
+    assert torch.allclose(white, levels[0].float() / 255, atol=0.01)
+    assert binarize(levels, torch.Generator().manual_seed(1)).dtype == torch.uint8

@@ -147,3 +147,25 @@ def test_image_grid_tiles_like_torchvision_make_grid():
         ours, reference = image_grid(images, nrow=4), make_grid(images, nrow=4, padding=2, pad_value=255)
         # torchvision turns one channel into three equal ones; ours keeps the channels it got.
         assert torch.equal(ours, reference[:channels])
+
+
+def test_dynamically_binarized_training_sees_fresh_black_and_white_batches(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = tiny_params(steps=4, checkpoint_every=10)
+    params["data"]["images"]["binarize"] = "dynamic"
+    config = parse_params(params)
+    prepare_images(config.data.images, config.seed, paths.IMAGE_DATA)
+    trainer = Trainer(config, "pixelcnn")
+    seen = []
+    original = trainer.model.training_step
+    monkeypatch.setattr(trainer.model, "training_step", lambda batch, *a: (seen.append(batch.clone()), original(batch, *a))[1])
+    trainer.fit()
+    assert trainer.data.binarize and len(seen) == 4
+    assert all(set(batch.unique().tolist()) <= {0, 255} for batch in seen)
+    assert set(trainer.data.train.unique().tolist()) - {0, 255}  # the stored split keeps its grey levels
+    # the draws are a function of seed and step, so a rerun (or a resumed run) sees the same pixels
+    rerun, seen_again = Trainer(config, "pixelcnn"), []
+    original = rerun.model.training_step
+    monkeypatch.setattr(rerun.model, "training_step", lambda batch, *a: (seen_again.append(batch.clone()), original(batch, *a))[1])
+    rerun.fit()
+    assert all(torch.equal(a, b) for a, b in zip(seen, seen_again))
