@@ -36,8 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from genai_models.base import GenerativeModel, ImageSpec, Precision, TrainSettings
-from genai_models.metrics.likelihood import dequantized_log_likelihood
+from genai_models.base import DequantizedDensityModel, ImageSpec, Precision, TrainSettings
 
 
 @dataclass
@@ -80,11 +79,7 @@ def mfa_log_density(y: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, 
     return torch.logsumexp(torch.log_softmax(logits, 0)[:, None] + log_normal, dim=0)
 
 
-class GMM(GenerativeModel):
-    modality = "image"
-    has_likelihood = True
-    likelihood_is_bound = True  # exact density of the dequantized data; a bound for the discrete data
-
+class GMM(DequantizedDensityModel):
     def __init__(self, config: GMMConfig, spec: ImageSpec) -> None:
         super().__init__(config, spec)
         k, d, q = config.num_components, spec.num_dims, config.latent_dim
@@ -109,23 +104,7 @@ class GMM(GenerativeModel):
     def _log_std(self) -> torch.Tensor:
         return self.log_std.clamp(min=math.log(self.config.min_std))
 
-    # --- interface -------------------------------------------------------------------
-    def loss(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The dequantization bound on -log P(x), nats per image (one draw of u)."""
-        y = (batch.float() + torch.rand(batch.shape, device=batch.device)) / 256.0
-        return {"loss": -(self.log_density(y) - self.spec.num_dims * math.log(256.0)).mean()}
-
-    @torch.no_grad()
-    def log_likelihood(
-        self, batch: torch.Tensor, importance_samples: int = 1, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Lower bound on log P(x) of the 8-bit images, (B,): k draws of the dequantization noise."""
-        return dequantized_log_likelihood(self.log_density, batch, importance_samples, generator)
-
-    def likelihood_bounds(self, iw_samples: int) -> dict[str, tuple[int, str]]:
-        return {"_elbo": (1, "uniform-dequantization bound (k=1 draw of u; the -ELBO with uniform q(u|x))"),
-                "_iwae": (iw_samples, f"importance-weighted dequantization bound, k={iw_samples}")}
-
+    # --- interface (loss and log_likelihood: DequantizedDensityModel) ---------------------
     def training_step(
         self, batch: torch.Tensor, optimizers: list[torch.optim.Optimizer], precision: Precision,
         settings: TrainSettings,

@@ -11,7 +11,7 @@ the dequantized pixels y = (x + u) / 256 in (0, 1)^D is
 
 with s the logit pre-processing of the paper (Sec. 4.1). The NLL of the 8-bit data is
 reported through the dequantization bound -log P(x) <= E_u[-log p(y)] + D log 256 and its
-importance-weighted version over k draws of u (``dequantized_log_likelihood``), the same
+importance-weighted version over k draws of u (``DequantizedDensityModel`` in base.py), the same
 convention the ``gmm`` family uses. Sampling inverts the flow: z ~ N(0, I) -> y -> x = floor(256 y).
 
 Architecture (per scale but the last): 3 checkerboard couplings, squeeze (C, H, W) ->
@@ -30,8 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genai_models.base import GenerativeModel, ImageSpec
-from genai_models.metrics.likelihood import dequantized_log_likelihood
+from genai_models.base import DequantizedDensityModel, ImageSpec
 
 
 @dataclass
@@ -172,11 +171,7 @@ class MultiScaleFlow(nn.Module):
         return x
 
 
-class RealNVP(GenerativeModel):
-    modality = "image"
-    has_likelihood = True
-    likelihood_is_bound = True  # exact density of the dequantized data; a bound for the discrete data
-
+class RealNVP(DequantizedDensityModel):
     def __init__(self, config: RealNVPConfig, spec: ImageSpec) -> None:
         super().__init__(config, spec)
         factor = 2 ** (config.num_scales - 1)
@@ -200,23 +195,9 @@ class RealNVP(GenerativeModel):
         log_prior = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(1)
         return log_prior + log_det_flow + log_det_logit
 
-    # --- interface -------------------------------------------------------------------
-    def loss(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The dequantization bound on -log P(x), nats per image (one draw of u)."""
-        y = (batch.float() + torch.rand(batch.shape, device=batch.device)) / 256.0
-        return {"loss": -(self.log_density(y) - self.spec.num_dims * math.log(256.0)).mean()}
-
-    @torch.no_grad()
-    def log_likelihood(
-        self, batch: torch.Tensor, importance_samples: int = 1, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Lower bound on log P(x) of the 8-bit images, (B,): k draws of the dequantization noise."""
-        return dequantized_log_likelihood(self.log_density, batch, importance_samples, generator)
-
+    # --- interface (loss and log_likelihood: DequantizedDensityModel) ---------------------
     def likelihood_bounds(self, iw_samples: int) -> dict[str, tuple[int, str]]:
-        k = min(iw_samples, self.config.max_importance_samples)
-        return {"_elbo": (1, "uniform-dequantization bound (k=1 draw of u; the -ELBO with uniform q(u|x))"),
-                "_iwae": (k, f"importance-weighted dequantization bound, k={k}")}
+        return super().likelihood_bounds(min(iw_samples, self.config.max_importance_samples))
 
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
