@@ -19,18 +19,32 @@ from typing import Iterable
 
 import yaml
 
-from tests.conftest import REPO_ROOT
-from tests.test_end_to_end import CODE, tiny_pipeline_params
+from tests.conftest import REPO_ROOT, TINY_CONFIGS
 
 PYTHON = sys.executable
+# What a copy needs from the checkout to run the pipeline.
+CODE = ["flows", "tasks", "genai_models", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
+FAMILIES = tuple(yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["families"])
+
+
+def tiny_pipeline_params() -> dict:
+    """The project's params.yaml shrunk to seconds per stage: tiny models, few steps, few samples."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["data"]["images"]["max_train"] = 300
+    params["data"]["text"]["max_train"] = 300
+    params["features"]["classifier"]["steps"] = 40
+    for name, block in params["families"].items():
+        block["model"] = dict(TINY_CONFIGS[name])
+        block["train"].update(steps=10, batch_size=32, log_every=5, checkpoint_every=5, num_samples=16)
+    params["evaluate"].update(num_image_samples=100, iw_samples=4, num_text_samples=20, batch_size=50)
+    return params
 
 
 def dvc_yaml_for(families: Iterable[str]) -> dict:
     """The project's dvc.yaml with only ``families``' stages and the dependencies on them."""
     keep = set(families)
     spec = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
-    everyone = set(yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["families"])
-    dropped = everyone - keep
+    dropped = set(FAMILIES) - keep
     pattern = re.compile(r"(^|/)(" + "|".join(map(re.escape, sorted(dropped))) + r")(/|\.json$|$)") if dropped else None
 
     def about_dropped(entry) -> bool:
@@ -58,7 +72,7 @@ def dvc_yaml_for(families: Iterable[str]) -> dict:
 
 
 def tiny_params(families: Iterable[str]) -> dict:
-    """The end-to-end test's tiny params, with only ``families``."""
+    """``tiny_pipeline_params`` with only ``families``."""
     params = tiny_pipeline_params()
     params["families"] = {k: v for k, v in params["families"].items() if k in set(families)}
     return params
@@ -80,7 +94,8 @@ def clean_env(root: Path, **extra: str) -> dict[str, str]:
 
 def make_repo(root: Path, families: Iterable[str] = ("vae",), params: dict | None = None,
               stages: Iterable[str] | None = None) -> Path:
-    """A committed git + DVC repository at ``root`` with the code, tiny params and a cut-down dvc.yaml.
+    """A committed git + DVC repository at ``root`` with the code, tiny params and a dvc.yaml cut down
+    to ``families`` (the project's own when they are all of them).
 
     ``stages``: keep only these stages of the cut-down dvc.yaml (default: all).
     """
@@ -93,11 +108,12 @@ def make_repo(root: Path, families: Iterable[str] = ("vae",), params: dict | Non
         else:
             (root / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, root / item)
-    spec = dvc_yaml_for(families)
-    if stages is not None:
-        spec["stages"] = {name: stage for name, stage in spec["stages"].items() if name in set(stages)}
-        spec.pop("plots", None)
-    (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    if set(families) != set(FAMILIES) or stages is not None:  # else the project's dvc.yaml as it is
+        spec = dvc_yaml_for(families)
+        if stages is not None:
+            spec["stages"] = {name: stage for name, stage in spec["stages"].items() if name in set(stages)}
+            spec.pop("plots", None)
+        (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(families), sort_keys=False))
     (root / ".gitignore").write_text((root / ".gitignore").read_text() + "/.prefect/\n")
     env = clean_env(root)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,58 +12,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, TINY_CONFIGS
-
-CODE = ["flows", "tasks", "genai_models", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
-
-
-def tiny_pipeline_params() -> dict:
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["data"]["images"]["max_train"] = 300
-    params["data"]["text"]["max_train"] = 300
-    params["features"]["classifier"]["steps"] = 40
-    for name, block in params["families"].items():
-        block["model"] = dict(TINY_CONFIGS[name])
-        block["train"].update(steps=10, batch_size=32, log_every=5, checkpoint_every=5, num_samples=16)
-    params["evaluate"].update(num_image_samples=100, iw_samples=4, num_text_samples=20, batch_size=50)
-    return params
-
-
-def _run(args: list[str], cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
+from tests.pipeline_repo import FAMILIES, clean_env, make_repo, run, tiny_pipeline_params
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("pipeline")
-    for item in CODE:
-        source = REPO_ROOT / item
-        if source.is_dir():
-            shutil.copytree(source, root / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (root / item).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / item)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_pipeline_params(), sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DVC_"))}
-    env.update({
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-        "PREFECT_HOME": str(root / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    })
-    (root / ".gitignore").write_text((root / ".gitignore").read_text() + "/.prefect/\n")
-    _run(["git", "init", "-q"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-q", "-m", "tiny pipeline"], root, env)
+    """The whole pipeline (every family, the project's own dvc.yaml) on tiny params."""
+    root = make_repo(tmp_path_factory.mktemp("pipeline") / "repo", FAMILIES, tiny_pipeline_params())
+    env = clean_env(root)
+    env.pop("OMP_NUM_THREADS")  # stages use every core, as in a user's run
     return root, env
 
 
 @pytest.fixture(scope="module")
 def flow_run(repo) -> subprocess.CompletedProcess:
     root, env = repo
-    return _run([sys.executable, "-m", "flows.pipeline"], root, env, timeout=900)
+    return run([sys.executable, "-m", "flows.pipeline"], root, env, timeout=900)
 
 
 def test_prefect_flow_runs_every_stage_and_writes_the_report(repo, flow_run):
@@ -86,14 +49,14 @@ def test_prefect_flow_runs_every_stage_and_writes_the_report(repo, flow_run):
 
 def test_dvc_repro_after_the_flow_does_no_work(repo, flow_run):
     root, env = repo
-    result = _run(["dvc", "repro"], root, env)
+    result = run(["dvc", "repro"], root, env)
     assert "Running stage" not in result.stdout, result.stdout
-    assert "up to date" in _run(["dvc", "status"], root, env).stdout
+    assert "up to date" in run(["dvc", "status"], root, env).stdout
 
 
 def test_a_second_flow_run_says_nothing_changed(repo, flow_run):
     root, env = repo
-    result = _run([sys.executable, "-m", "flows.pipeline"], root, env)
+    result = run([sys.executable, "-m", "flows.pipeline"], root, env)
     assert "nothing changed" in result.stdout + result.stderr
 
 
@@ -114,7 +77,7 @@ def test_the_report_names_the_dvc_versions_and_git_commit_it_was_made_from(repo,
     assert {"data/images", "data/text", "models/vae", "models/feature_extractor"} <= set(versioned)
     for path, md5 in versioned.items():
         assert md5 in html, f"{path} ({md5}) is not in the report"
-    commit = _run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    commit = run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
     assert commit in html and "uncommitted" not in html
 
 
@@ -122,7 +85,7 @@ def test_push_then_pull_into_an_empty_workspace_gives_identical_outputs(repo, fl
     """dvc push; delete every output and the local cache; dvc pull: byte-identical, and the
     pulled checkpoint re-evaluates to byte-identical metrics."""
     root, env = repo
-    _run(["dvc", "push"], root, env)
+    run(["dvc", "push"], root, env)
     outs = [out for out in _locked_outs(root) if not out.startswith("metrics/")]  # metrics: cache false, git's
     before = {out: _tree_hashes(root / out) for out in outs}
     metrics_before = (root / "metrics" / "vae.json").read_bytes()
@@ -133,14 +96,14 @@ def test_push_then_pull_into_an_empty_workspace_gives_identical_outputs(repo, fl
             (root / out).unlink()
     shutil.rmtree(root / ".dvc" / "cache")
 
-    _run(["dvc", "pull"], root, env)
+    run(["dvc", "pull"], root, env)
     assert {out: _tree_hashes(root / out) for out in outs} == before
-    assert "up to date" in _run(["dvc", "status"], root, env).stdout
-    _run([sys.executable, "-m", "flows.cli", "evaluate", "vae"], root, env)  # from the pulled checkpoint
+    assert "up to date" in run(["dvc", "status"], root, env).stdout
+    run([sys.executable, "-m", "flows.cli", "evaluate", "vae"], root, env)  # from the pulled checkpoint
     assert (root / "metrics" / "vae.json").read_bytes() == metrics_before
     # evaluation/vae/provenance.json records this run's wall time: put the versioned one back.
-    _run(["dvc", "checkout", "--force", "evaluate_image@vae"], root, env)
-    assert "up to date" in _run(["dvc", "status"], root, env).stdout
+    run(["dvc", "checkout", "--force", "evaluate_image@vae"], root, env)
+    assert "up to date" in run(["dvc", "status"], root, env).stdout
 
 
 def test_dvc_repro_reruns_only_what_a_param_change_touches(repo, flow_run):
@@ -148,8 +111,8 @@ def test_dvc_repro_reruns_only_what_a_param_change_touches(repo, flow_run):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["families"]["dcgan"]["train"]["steps"] = 12
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = _run(["dvc", "repro"], root, env)
+    result = run(["dvc", "repro"], root, env)
     ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"train@dcgan", "evaluate_image@dcgan", "report"}, result.stdout
-    shown = _run(["dvc", "metrics", "show", "--json"], root, env).stdout
+    shown = run(["dvc", "metrics", "show", "--json"], root, env).stdout
     assert "fid" in shown and "perplexity" in shown
