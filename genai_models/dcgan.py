@@ -31,30 +31,51 @@ class DCGANConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
-class DCGAN(GenerativeModel):
+class LatentImageGAN(GenerativeModel):
+    """What both GAN families share: a generator from z ~ N(0, I) to images, and sampling through it.
+
+    The generator is the DCGAN one (Radford et al., Fig. 1, scaled to small images): a linear layer
+    to ``width`` channels at a quarter of the image size, then two stride-2 transposed convolutions
+    (``width`` -> ``width / 2`` -> C) with batch norm and ReLU between, tanh at the end.
+    """
+
     modality = "image"
 
-    def __init__(self, config: DCGANConfig, spec: ImageSpec) -> None:
+    def __init__(self, config, spec: ImageSpec, width: int) -> None:
         super().__init__(config, spec)
         if spec.height % 4 or spec.width % 4:
-            raise ValueError(f"DCGAN needs image sides divisible by 4, got {spec.height}x{spec.width}")
-        ch, c, h, w = config.base_channels, spec.channels, spec.height // 4, spec.width // 4
+            raise ValueError(f"{type(self).__name__} needs image sides divisible by 4, got {spec.height}x{spec.width}")
+        h, w = spec.height // 4, spec.width // 4
         self.generator = nn.Sequential(
-            nn.Linear(config.latent_dim, 2 * ch * h * w), nn.Unflatten(1, (2 * ch, h, w)),
-            nn.BatchNorm2d(2 * ch), nn.ReLU(),
-            nn.ConvTranspose2d(2 * ch, ch, 4, 2, 1), nn.BatchNorm2d(ch), nn.ReLU(),  # (B, ch, H/2, W/2)
-            nn.ConvTranspose2d(ch, c, 4, 2, 1), nn.Tanh(),                            # (B, C, H, W)
+            nn.Linear(config.latent_dim, width * h * w), nn.Unflatten(1, (width, h, w)),
+            nn.BatchNorm2d(width), nn.ReLU(),
+            nn.ConvTranspose2d(width, width // 2, 4, 2, 1), nn.BatchNorm2d(width // 2), nn.ReLU(),  # (B, w/2, H/2, W/2)
+            nn.ConvTranspose2d(width // 2, spec.channels, 4, 2, 1), nn.Tanh(),                     # (B, C, H, W)
         )
+
+    def _noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        device = generator.device if generator is not None else self.device
+        return torch.randn(n, self.config.latent_dim, generator=generator, device=device).to(self.device)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        images = unit_to_images(self.generator(self._noise(num_samples, generator)))
+        self.train(was_training)
+        return images
+
+
+class DCGAN(LatentImageGAN):
+    def __init__(self, config: DCGANConfig, spec: ImageSpec) -> None:
+        super().__init__(config, spec, width=2 * config.base_channels)
+        ch, c, h, w = config.base_channels, spec.channels, spec.height // 4, spec.width // 4
         self.discriminator = nn.Sequential(
             nn.Conv2d(c, ch, 4, 2, 1), nn.LeakyReLU(0.2),                             # (B, ch, H/2, W/2)
             nn.Conv2d(ch, 2 * ch, 4, 2, 1), nn.BatchNorm2d(2 * ch), nn.LeakyReLU(0.2),
             nn.Flatten(), nn.Linear(2 * ch * h * w, 1),                               # (B, 1) logits
         )
         self.apply(_dcgan_init)
-
-    def _noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        device = generator.device if generator is not None else self.device
-        return torch.randn(n, self.config.latent_dim, generator=generator, device=device).to(self.device)
 
     def _discriminator_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         real_logits, fake_logits = self.discriminator(real), self.discriminator(fake)
@@ -97,15 +118,6 @@ class DCGAN(GenerativeModel):
         precision.backward_and_step(g_loss, g_opt, self.generator.parameters(), settings.grad_clip)
         d_loss, g_loss = d_loss.detach().float(), g_loss.detach().float()
         return {"loss": d_loss + g_loss, "discriminator": d_loss, "generator": g_loss}
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        was_training = self.training
-        self.eval()
-        images = unit_to_images(self.generator(self._noise(num_samples, generator)))
-        self.train(was_training)
-        return images
-
 
 def _dcgan_init(module: nn.Module) -> None:
     """N(0, 0.02) weights as in the paper; BatchNorm scale N(1, 0.02)."""

@@ -6,7 +6,7 @@ under the soft 1-Lipschitz constraint lambda * E[(||grad D(x_hat)||_2 - 1)^2] on
 interpolates x_hat of real and generated images; n_critic critic iterations per generator
 iteration; Adam(lr 1e-4, betas (0, 0.9)); no batch normalization in the critic (the penalty
 is per example), batch normalization in the generator. Networks: the DCGAN-style pair of the
-``dcgan`` family, without the critic's batch norm.
+``dcgan`` family (its ``LatentImageGAN`` generator, twice as wide), without the critic's batch norm.
 
 One ``training_step`` is one critic iteration (a fresh real batch each, as in Algorithm 1);
 every ``n_critic``-th step (steps 1, n_critic + 1, ...) is followed by one generator update, so
@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from genai_models.base import GenerativeModel, ImageSpec, Precision, TrainSettings, images_to_unit, unit_to_images
+from genai_models.base import ImageSpec, Precision, TrainSettings, images_to_unit
+from genai_models.dcgan import LatentImageGAN
 
 
 @dataclass
@@ -56,20 +57,10 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
-class WGANGP(GenerativeModel):
-    modality = "image"
-
+class WGANGP(LatentImageGAN):
     def __init__(self, config: WGANGPConfig, spec: ImageSpec) -> None:
-        super().__init__(config, spec)
-        if spec.height % 4 or spec.width % 4:
-            raise ValueError(f"WGAN-GP needs image sides divisible by 4, got {spec.height}x{spec.width}")
+        super().__init__(config, spec, width=4 * config.base_channels)
         ch, c, h, w = config.base_channels, spec.channels, spec.height // 4, spec.width // 4
-        self.generator = nn.Sequential(
-            nn.Linear(config.latent_dim, 4 * ch * h * w), nn.Unflatten(1, (4 * ch, h, w)),
-            nn.BatchNorm2d(4 * ch), nn.ReLU(),
-            nn.ConvTranspose2d(4 * ch, 2 * ch, 4, 2, 1), nn.BatchNorm2d(2 * ch), nn.ReLU(),  # (B, 2ch, H/2, W/2)
-            nn.ConvTranspose2d(2 * ch, c, 4, 2, 1), nn.Tanh(),                                # (B, C, H, W)
-        )
         self.critic = nn.Sequential(
             nn.Conv2d(c, ch, 4, 2, 1), nn.LeakyReLU(0.2),                # (B, ch, H/2, W/2)
             nn.Conv2d(ch, 2 * ch, 4, 2, 1), nn.LeakyReLU(0.2),           # (B, 2ch, H/4, W/4)
@@ -78,10 +69,6 @@ class WGANGP(GenerativeModel):
         )
         # Critic iterations done so far (a buffer: saved with the weights, so resuming keeps the rhythm).
         self.register_buffer("critic_steps", torch.zeros((), dtype=torch.long))
-
-    def _noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        device = generator.device if generator is not None else self.device
-        return torch.randn(n, self.config.latent_dim, generator=generator, device=device).to(self.device)
 
     def _terms(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
         """Both players' objectives and the critic's parts; real, fake (B, C, H, W) in [-1, 1]."""
@@ -122,11 +109,3 @@ class WGANGP(GenerativeModel):
                                         settings.grad_clip)
         self.critic_steps += 1
         return {name: value.detach().float() for name, value in terms.items()}
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        was_training = self.training
-        self.eval()
-        images = unit_to_images(self.generator(self._noise(num_samples, generator)))
-        self.train(was_training)
-        return images
