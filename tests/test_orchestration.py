@@ -43,13 +43,18 @@ def api_url(tmp_path_factory) -> str:
         assert server.poll() is None, (home / "server.log").read_text()[-3000:]
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop(server, signal.SIGTERM, timeout=30)
         log.close()
+
+
+def stop(process: subprocess.Popen, sig: int, timeout: float) -> None:
+    """Send ``sig``; if the process has not exited after ``timeout`` s, SIGKILL its process group."""
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _healthy(url: str) -> bool:
@@ -151,12 +156,7 @@ def test_a_served_schedule_retrains_then_finds_nothing_changed_and_never_overlap
         for before, after in zip(completed, completed[1:]):
             assert before.end_time <= after.start_time, "two scheduled runs overlapped"
     finally:
-        serve.send_signal(signal.SIGTERM)  # what a service manager sends: stop serving, pause the schedule
-        try:
-            serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait()
+        stop(serve, signal.SIGTERM, timeout=60)  # what a service manager sends: stop serving, pause the schedule
         log.close()
     assert serve.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
     with client(api_url) as api:
