@@ -87,6 +87,8 @@ class TrainConfig(_Strict):
     def _best_needs_eval(self) -> "TrainConfig":
         if self.keep_best and not self.eval_every:
             raise ValueError("keep_best needs eval_every: validation loss is only measured every eval_every steps")
+        if self.eval_every and self.eval_every % self.log_every:  # the val loss goes into a logged curve row
+            raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of log_every ({self.log_every})")
         return self
 
 

@@ -40,6 +40,8 @@ def test_shipped_params_are_valid(raw_params):
         (lambda p: p.update(families={}), "name at least one family"),
         (lambda p: p["features"].update(extractor="inception"), "needs features.inception_weights"),
         (lambda p: p["families"]["transformer_lm"]["model"].update(d_model=30), "divisible by num_heads"),
+        (lambda p: p["families"]["vae"]["train"].update(log_every=100, eval_every=50),
+         "eval_every (50) must be a multiple of log_every (100)"),
     ],
 )
 def test_bad_params_name_the_key_and_value(raw_params, change, expected):
