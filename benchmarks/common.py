@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from tasks.io import atomic_write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -83,10 +85,8 @@ def write_results(figures: list[Figure], meta: dict, out_dir: Path = RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
     payload = {**meta, "figures": [asdict(f) for f in figures]}
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(json_path)
-    md_path.write_text(markdown(figures, meta))
+    atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(md_path, markdown(figures, meta))
     return json_path, md_path
 
 

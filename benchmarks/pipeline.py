@@ -11,12 +11,12 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 from benchmarks.common import Figure, timed
+from flows.pipeline import LAST_RUN
 from tests.pipeline_repo import clean_env, make_repo, run, tiny_params
 
 ITEM_OVERHEAD, ITEM_NOOP, ITEM_RSS = "3. orchestration", "3. no-op", "4. peak RSS"
@@ -48,7 +48,7 @@ def pipeline_figures(quick: bool, keep: bool = False) -> list[Figure]:
         flow = [sys.executable, "-m", "flows.pipeline"]
         flow_s, _ = timed(lambda: run(flow, root, env, timeout=3600))
         records = stage_records(root)
-        last_run = json.loads((root / ".runs" / "pipeline-last-run.json").read_text())
+        last_run = json.loads((root / LAST_RUN).read_text())
         # prepare_* and report record no wall_s of their own: their subprocess wall counts as compute.
         unrecorded = [r for r in last_run["ran"] if r["name"].startswith("prepare_") or r["name"] == "report"]
         compute = sum(r["wall_s"] for r in records.values()) + sum(r["wall_s"] for r in unrecorded)

@@ -151,10 +151,6 @@ class NoiseSchedule(nn.Module):
         a_bar = _gather(self.alphas_cumprod, t)
         return a_bar.sqrt() * x0 + (1 - a_bar).sqrt() * noise
 
-    def predict_x0(self, xt: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a_bar = _gather(self.alphas_cumprod, t)
-        return (xt - (1 - a_bar).sqrt() * eps) / a_bar.sqrt()
-
     def reverse_mean(self, xt: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """mu_theta(x_t, t) = (x_t - beta_t / sqrt(1 - a_bar_t) eps) / sqrt(alpha_t) (Eq. 11)."""
         beta, a_bar = _gather(self.betas, t), _gather(self.alphas_cumprod, t)

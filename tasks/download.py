@@ -28,7 +28,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from tasks.io import remove_stale_temporaries, swap_into_place
+from tasks.io import file_digest, remove_stale_temporaries, swap_into_place
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,6 @@ class _Transient(Exception):
 
 
 # --- checksums ------------------------------------------------------------------------------
-def file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest (``md5`` or ``sha256``) of the file at ``path``."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _expected(md5: str | None, sha256: str | None) -> tuple[str, str] | None:
     if sha256:

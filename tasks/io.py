@@ -112,13 +112,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, to_json_text(obj))
 
 
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of the file at ``path``."""
-    digest = hashlib.sha256()
+def file_digest(path: str | Path, algorithm: str = "sha256", chunk_size: int = 1 << 20) -> str:
+    """Hex digest (any ``hashlib`` algorithm: ``sha256``, ``md5``, ...) of the file at ``path``."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of the file at ``path``."""
+    return file_digest(path, "sha256")
 
 
 @contextlib.contextmanager
