@@ -71,7 +71,7 @@ def read_image_source(cfg: ImageDataConfig) -> ImageSource:
     if cfg.dataset == "mnist-5k":
         return read_mnist_5k()
     if cfg.dataset in _TORCHVISION:
-        return read_torchvision(cfg.dataset, Path(cfg.root or f"data/raw/{cfg.dataset}"), cfg.download)
+        return read_torchvision(cfg.dataset, torchvision_root(cfg), cfg.download)
     if cfg.dataset == "idx":
         return read_idx_folder(Path(cfg.root or ""))
     raise DataError(f"unknown image dataset {cfg.dataset!r}")
@@ -162,6 +162,20 @@ def fetch_torchvision_archives(dataset: str, root: Path) -> None:
             raise DataError(f"{dataset}: {err}") from None
 
 
+def torchvision_root(cfg: ImageDataConfig) -> Path:
+    """Where a torchvision data set's archives are: ``data.images.root``, else data/raw/<dataset>."""
+    return Path(cfg.root or f"data/raw/{cfg.dataset}")
+
+
+def _missing_torchvision_files(dataset: str, root: Path, download: bool) -> list[str]:
+    """The data set's files not under ``root``; an error naming them when ``download`` is off."""
+    missing = [name for name, path in _torchvision_files(dataset, root).items() if not path.is_file()]
+    if missing and not download:
+        raise DataError(f"{dataset}: files missing under root {root} and download is off; "
+                        f"expected {', '.join(missing)} (set data.images.download: true to fetch or unpack them)")
+    return missing
+
+
 def read_torchvision(dataset: str, root: Path, download: bool) -> ImageSource:
     """MNIST, Fashion-MNIST or CIFAR-10 through torchvision (official train/test split).
 
@@ -172,11 +186,7 @@ def read_torchvision(dataset: str, root: Path, download: bool) -> ImageSource:
     import torchvision.datasets as tvd
 
     files = _torchvision_files(dataset, root)
-    missing = [name for name, path in files.items() if not path.is_file()]
-    if missing and not download:
-        raise DataError(f"{dataset}: files missing under root {root} and download is off; "
-                        f"expected {', '.join(missing)} (set data.images.download: true to fetch or unpack them)")
-    if missing:
+    if _missing_torchvision_files(dataset, root, download):
         fetch_torchvision_archives(dataset, root)
     cls = getattr(tvd, _TORCHVISION[dataset])
     log.info("%s: loading through torchvision from %s", dataset, root)
@@ -305,12 +315,8 @@ def check_sources(images: ImageDataConfig, text: TextDataConfig, base: Path = Pa
                             f"expected {', '.join(IDX_FILES.values())}[.gz])")
         for name in IDX_FILES.values():
             _check_nonempty(_idx_path(root, name), "idx")
-    elif images.dataset in _TORCHVISION and not images.download:
-        root = base / (images.root or f"data/raw/{images.dataset}")
-        missing = [name for name, path in _torchvision_files(images.dataset, root).items() if not path.is_file()]
-        if missing:
-            raise DataError(f"{images.dataset}: files missing under root {root} and download is off; "
-                            f"expected {', '.join(missing)}")
+    elif images.dataset in _TORCHVISION:
+        _missing_torchvision_files(images.dataset, base / torchvision_root(images), images.download)
     if text.dataset == "lee-news":
         package_file("gensim", LEE_NEWS_FILE, "lee-news")
     elif text.dataset == "file":
