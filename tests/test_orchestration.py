@@ -166,7 +166,7 @@ def test_a_served_schedule_retrains_then_finds_nothing_changed_and_never_overlap
 # --- C: a killed flow run ------------------------------------------------------------------------
 def test_a_killed_flow_run_is_marked_crashed_by_the_next_run(api_url, tmp_path):
     params = tiny_params(["vae"])
-    params["families"]["vae"]["train"].update(steps=100_000, checkpoint_every=20, log_every=100)
+    params["families"]["vae"]["train"].update(steps=100_000, checkpoint_every=20, log_every=100, eval_every=None)
     repo = make_repo(tmp_path / "killed", families=("vae",), params=params, stages=("prepare_image", "train"))
     env = clean_env(repo, PREFECT_API_URL=api_url)
     flow = subprocess.Popen([PYTHON, "-m", "flows.pipeline"], cwd=repo, env=env, text=True,

@@ -21,8 +21,10 @@ def tiny_params(steps: int = 6, checkpoint_every: int = 3) -> dict:
     params["data"]["text"]["max_train"] = 200
     for name, block in params["families"].items():
         block["model"] = dict(TINY_CONFIGS[name])
+        # eval_every only where keep_best needs it: on image families it also draws a quality curve (FID on
+        # samples every eval_every steps), which these tests do not need
         block["train"].update(steps=steps, batch_size=16, log_every=2, checkpoint_every=checkpoint_every,
-                              num_samples=4)
+                              num_samples=4, eval_every=2 if block["train"].get("keep_best") else None)
     return params
 
 
