@@ -167,7 +167,8 @@ def test_a_served_schedule_retrains_then_finds_nothing_changed_and_never_overlap
 def test_a_killed_flow_run_is_marked_crashed_by_the_next_run(api_url, tmp_path):
     params = tiny_params(["vae"])
     params["families"]["vae"]["train"].update(steps=100_000, checkpoint_every=20, log_every=100, eval_every=None)
-    repo = make_repo(tmp_path / "killed", families=("vae",), params=params, stages=("prepare_image", "train"))
+    repo = make_repo(tmp_path / "killed", families=("vae",), params=params,
+                     stages=("prepare_image", "features", "train"))
     env = clean_env(repo, PREFECT_API_URL=api_url)
     flow = subprocess.Popen([PYTHON, "-m", "flows.pipeline"], cwd=repo, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -233,8 +234,9 @@ def test_families_train_at_once_on_a_two_worker_dask_cluster(api_url, tmp_path):
     params["orchestration"].update(task_runner="dask", max_parallel_stages=2)
     for family in ("vae", "dcgan"):
         params["families"][family]["train"]["steps"] = 60  # long enough for the two to overlap
-    # prepare_image, then the two families' train stages: nothing else competes for the two workers
-    repo = make_repo(tmp_path / "dask", families=("vae", "dcgan"), params=params, stages=("prepare_image", "train"))
+    # prepare_image and features, then the two families' train stages: nothing else competes for the workers
+    repo = make_repo(tmp_path / "dask", families=("vae", "dcgan"), params=params,
+                     stages=("prepare_image", "features", "train"))
     env = clean_env(repo, PREFECT_API_URL=api_url)
     flow = subprocess.Popen([PYTHON, "-m", "flows.pipeline"], cwd=repo, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -244,7 +246,7 @@ def test_families_train_at_once_on_a_two_worker_dask_cluster(api_url, tmp_path):
     last = json.loads((repo / ".runs" / "pipeline-last-run.json").read_text())
     assert last["task_runner"] == "dask"
     ran = {r["name"]: r for r in last["ran"]}
-    assert set(ran) == {"prepare_image", "train@vae", "train@dcgan"}
+    assert set(ran) == {"prepare_image", "features", "train@vae", "train@dcgan"}
     vae, dcgan = ran["train@vae"], ran["train@dcgan"]
     assert vae["worker"] != dcgan["worker"]  # two worker processes, neither of them the flow's
     assert not any(r["worker"].endswith(f":{flow.pid}") for r in ran.values())
