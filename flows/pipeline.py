@@ -35,6 +35,7 @@ from prefect.runtime import flow_run  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from flows.run_lock import FLOW_RUN_ENV, PipelineBusy, dvc_lock, reserve, run_lock  # noqa: E402
+from flows.watchdog import stop_children_with_this_process  # noqa: E402
 from tasks.config import OrchestrationConfig, ParamsError, PipelineConfig, load_params  # noqa: E402
 from tasks.datasets import DataError, check_sources  # noqa: E402
 from tasks.io import atomic_write_json  # noqa: E402
@@ -154,11 +155,10 @@ def make_task_runner(orchestration: OrchestrationConfig):
 
 
 def start_temporary_server() -> None:
-    """Without a configured Prefect server, start the temporary one now, tied to this process.
+    """Without a configured Prefect server, start the temporary one now.
 
     It is the instance this process's own client uses (a singleton); its URL goes into the
-    environment for Dask workers. A watchdog stops it should this process be killed, which
-    would otherwise leave uvicorn running under pid 1 (flows/watchdog.py).
+    environment for Dask workers.
     """
     from prefect.settings import PREFECT_API_URL
 
@@ -166,12 +166,8 @@ def start_temporary_server() -> None:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    from flows.watchdog import stop_with_this_process
-
     server = SubprocessASGIServer()
     server.start()
-    if server.server_process is not None:
-        stop_with_this_process(server.server_process.pid, "the temporary Prefect server")
     os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the worker processes
 
 
@@ -212,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = check_inputs(root, args.params)
         with reserve(root):  # before any Prefect server starts: a refused run starts and records nothing
+            # Should this process be killed, a watchdog stops what it started (the temporary
+            # Prefect server, Dask workers) instead of leaving them running under pid 1.
+            stop_children_with_this_process()
             start_temporary_server()
             runner = make_task_runner(config.orchestration)
             result = pipeline.with_options(task_runner=runner)(args.repo, args.params, args.force)

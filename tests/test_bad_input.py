@@ -487,11 +487,13 @@ def test_dvc_repro_is_refused_while_a_flow_runs(tmp_path):
 # --- 7. a killed flow leaks its temporary Prefect server --------------------------------------------
 PARENT_WITH_A_SERVER = textwrap.dedent("""
     import subprocess, sys, time
-    from flows.watchdog import stop_with_this_process
+    from flows.watchdog import POLL_SECONDS, stop_children_with_this_process
 
+    stop_children_with_this_process()
     server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-    stop_with_this_process(server.pid, "the test's stand-in server")
-    print(server.pid, flush=True)
+    grandchild = subprocess.Popen(["sh", "-c", "sleep 300 & wait"])
+    time.sleep(4 * POLL_SECONDS)  # the watchdog has seen them
+    print(server.pid, grandchild.pid, flush=True)
     time.sleep(300)
 """)
 
@@ -499,14 +501,15 @@ PARENT_WITH_A_SERVER = textwrap.dedent("""
 def test_a_helper_process_is_stopped_when_its_parent_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", PARENT_WITH_A_SERVER], env=child_env(), stdout=subprocess.PIPE,
                               text=True)
-    server = psutil.Process(int(parent.stdout.readline()))
-    assert server.is_running()
+    helpers = [psutil.Process(int(pid)) for pid in parent.stdout.readline().split()]
+    helpers += helpers[1].children(recursive=True)  # the shell's own child: a grandchild of the parent
+    assert len(helpers) == 3 and all(p.is_running() for p in helpers)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    gone, alive = psutil.wait_procs([server], timeout=15)
+    gone, alive = psutil.wait_procs(helpers, timeout=15)
     for process in alive:
         process.kill()
-    assert not alive, "the server outlived the process that started it"
+    assert not alive, f"outlived the process that started them: {alive}"
 
 
 @pytest.mark.slow
@@ -524,6 +527,7 @@ def test_a_killed_flow_leaves_no_prefect_server_running(tmp_path):
             servers = [p for p in psutil.Process(flow.pid).children(recursive=True)
                        if "uvicorn" in " ".join(p.cmdline())]
             time.sleep(0.5)
+        time.sleep(1)  # the watchdog notes the flow's descendants every 0.25 s
     finally:
         flow.send_signal(signal.SIGKILL)
         flow.wait()
