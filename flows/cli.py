@@ -1,6 +1,14 @@
 """Entry points that ``dvc.yaml`` stages call: ``python -m flows.cli <step> [family]``.
 
-Each one validates ``params.yaml`` first, then runs exactly one step from ``tasks``.
+Each one validates its own inputs before any work, so ``dvc repro`` and a step run by hand
+get the same protection as the Prefect flow: ``params.yaml``, the step's input files (data
+sources must be regular files within their size caps; earlier steps' outputs must exist),
+the model's size for the machine, and that its outputs can be written. Then it takes the
+checkout's run lock shared (``flows.run_lock.stage_lock``): no step starts beside a flow run
+that is not its own. Bad input ends in one ``error:`` line and exit status 2.
+
+    python -m flows.cli train vae              # one step
+    python -m flows.cli --dry-run train vae    # only the checks: would this step start?
 """
 
 from __future__ import annotations
@@ -13,15 +21,19 @@ import threading
 import time
 from pathlib import Path
 
-from tasks.config import ParamsError, load_params
+from tasks.config import ParamsError, PipelineConfig, load_params
 from tasks.runtime import setup_logging
 
 log = logging.getLogger("flows.cli")
+MAX_ERROR_LENGTH = 1000
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flows.cli", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m flows.cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="the pipeline configuration (default: params.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate params.yaml and the step's inputs and outputs, then stop without doing it")
     steps = parser.add_subparsers(dest="step", required=True)
     prepare = steps.add_parser("prepare", help="download / read and preprocess a data set")
     prepare.add_argument("modality", choices=["image", "text"])
@@ -30,42 +42,100 @@ def _parser() -> argparse.ArgumentParser:
         step = steps.add_parser(name, help=text)
         step.add_argument("family")
     steps.add_parser("report", help="render the HTML comparison report")
-    steps.add_parser("check", help="only validate params.yaml")
+    steps.add_parser("check", help="only validate params.yaml and the data sources it names")
     return parser
 
 
+def preflight(step: str, config: PipelineConfig, family: str | None = None, modality: str | None = None) -> None:
+    """The step's own checks, before any work; each problem raises an error naming the key or file."""
+    from tasks import paths
+    from tasks.io import check_writable
+
+    if step == "prepare":
+        from tasks.datasets import check_image_source, check_text_source
+
+        if modality == "image":
+            check_image_source(config.data.images)
+        else:
+            check_text_source(config.data.text)
+        check_writable(paths.data_dir(modality).parent)
+    elif step == "features":
+        from tasks import data
+
+        data.load_image_manifest(paths.IMAGE_DATA)  # FileNotFoundError: run the data step first
+        if config.features.extractor == "inception":
+            from tasks.io import InputError, check_regular_file
+
+            try:
+                check_regular_file(config.features.inception_weights or "", 2**31)
+            except InputError as err:
+                raise ParamsError(f"features.inception_weights: {err}") from None
+        check_writable(paths.FEATURE_EXTRACTOR.parent)
+    elif step == "train":
+        from tasks.train import check_can_train
+
+        check_can_train(config, family)
+    elif step == "evaluate":
+        checkpoint = paths.model_dir(family) / "model.pt"
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint} not found: run `python -m flows.cli train {family}` first")
+        check_writable(paths.evaluation_dir(family).parent)
+        check_writable(paths.metrics_file(family).parent)
+    elif step == "report":
+        from tasks.report import confined_report_path
+
+        out = confined_report_path(config.report.path)
+        check_writable(out.parent)
+
+
 def run(argv: list[str] | None = None) -> Path | None:
-    """Parse arguments, validate params, run the step; returns the step's main output."""
+    """Parse arguments, validate params and the step's inputs, run the step; returns its main output."""
     args = _parser().parse_args(argv)
     config = load_params(args.params)
     family = getattr(args, "family", None)
     if family is not None and family not in config.families:
-        raise ParamsError(f"{args.params}: family {family!r} is not under 'families' (have: {', '.join(config.families)})")
+        raise ParamsError(f"{args.params}: family {family!r} is not under 'families' "
+                          f"(have: {', '.join(config.families)})")
+    if args.step == "check":
+        from tasks.datasets import check_sources
+
+        check_sources(config.data.images, config.data.text)
+        log.info("%s is valid: families %s", args.params, ", ".join(config.families))
+        return None
+    from flows.run_lock import stage_lock
+
+    command = " ".join(["python -m flows.cli", *(argv if argv is not None else sys.argv[1:])])
+    with stage_lock(Path("."), command):
+        preflight(args.step, config, family, getattr(args, "modality", None))
+        if args.dry_run:
+            log.info("%s: every check passed (dry run: nothing done)", command)
+            return None
+        return _do(args.step, config, family, getattr(args, "modality", None))
+
+
+def _do(step: str, config: PipelineConfig, family: str | None, modality: str | None) -> Path:
     # Each step imports only its own module: a stage is a fresh process, and imports are a
     # noticeable share of a short step's wall time.
-    if args.step == "prepare":
+    if step == "prepare":
         from tasks import data, paths
 
-        data.prepare(args.modality, config, paths.data_dir(args.modality))
-        return paths.data_dir(args.modality)
-    if args.step == "features":
+        data.prepare(modality, config, paths.data_dir(modality))
+        return paths.data_dir(modality)
+    if step == "features":
         from tasks import features
 
         return features.build_feature_extractor(config)
-    if args.step == "train":
+    if step == "train":
         from tasks import train
 
         return train.train_family(config, family)
-    if args.step == "evaluate":
+    if step == "evaluate":
         from tasks import evaluate
 
         return evaluate.evaluate_family(config, family)
-    if args.step == "report":
-        from tasks import report
+    from tasks import report
 
-        return report.build_report(config)
-    log.info("%s is valid: families %s", args.params, ", ".join(config.families))
-    return None
+    return report.build_report(config)
 
 
 def stop_when_parent_dies(env_var: str = "GENAI_PIPELINE_PARENT_PID") -> None:
@@ -95,19 +165,30 @@ def stop_when_parent_dies(env_var: str = "GENAI_PIPELINE_PARENT_PID") -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def one_line(message: object, limit: int = MAX_ERROR_LENGTH) -> str:
+    """An error message on one line of at most ``limit`` characters."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     stop_when_parent_dies()
+    from flows.run_lock import PipelineBusy
     from tasks.checkpoints import CheckpointError
     from tasks.datasets import DataError
-    from tasks.io import DiskFullError
+    from tasks.io import Busy, DiskFullError, InputError, OutputError
     from tasks.train import TrainingDiverged
 
-    expected = (ParamsError, DataError, FileNotFoundError, TrainingDiverged, CheckpointError, DiskFullError)
+    expected = (ParamsError, DataError, FileNotFoundError, TrainingDiverged, CheckpointError, DiskFullError,
+                InputError, OutputError, Busy, PipelineBusy)
     try:
         output = run(argv)
     except expected as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as err:  # an output that cannot be written
+        print(f"error: {one_line(f'cannot write {err.filename}: {err.strerror}')}", file=sys.stderr)
         return 2
     if output is not None:
         log.info("wrote %s", output)

@@ -34,7 +34,8 @@ from prefect.futures import wait  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows.run_lock import dvc_lock, run_lock  # noqa: E402
+from flows.run_lock import FLOW_RUN_ENV, PipelineBusy, dvc_lock, reserve, run_lock  # noqa: E402
+from flows.watchdog import stop_children_with_this_process  # noqa: E402
 from tasks.config import OrchestrationConfig, ParamsError, PipelineConfig, load_params  # noqa: E402
 from tasks.datasets import DataError, check_sources  # noqa: E402
 from tasks.io import atomic_write_json  # noqa: E402
@@ -81,13 +82,14 @@ def commit_stage(repo_root: Path, name: str) -> None:
         repo.commit(name, force=True)
 
 
-def _stage_environment(parallel: int) -> dict[str, str]:
+def _stage_environment(parallel: int, flow_run_id: str) -> dict[str, str]:
     env = dict(os.environ)
     # `python` in a stage command is this interpreter (the project's virtual environment).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if parallel > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     env[PARENT_PID] = str(os.getpid())
+    env[FLOW_RUN_ENV] = flow_run_id  # the stage command runs inside this run's lock (flows/run_lock.py)
     return env
 
 
@@ -102,7 +104,7 @@ def reproduce_stage(repo_root: Path, name: str, command: str, force: bool, paral
     worker = f"{socket.gethostname()}:{os.getpid()}"
     logger.info("%s: running `%s` on %s (%s)", name, command, worker, _describe(changes))
     started, start = time.time(), time.perf_counter()
-    process = subprocess.Popen(command, shell=True, cwd=repo_root, env=_stage_environment(parallel),
+    process = subprocess.Popen(command, shell=True, cwd=repo_root, env=_stage_environment(parallel, str(flow_run.id)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     tail: list[str] = []
     for line in process.stdout:
@@ -146,21 +148,25 @@ def make_task_runner(orchestration: OrchestrationConfig):
 
     if orchestration.dask_address:
         return DaskTaskRunner(address=orchestration.dask_address)
-    _share_api_with_dask_workers()
+    start_temporary_server()  # the workers must reach the same API as this process
     # One single-threaded worker process per parallel stage: each stage is a subprocess anyway.
     return DaskTaskRunner(cluster_kwargs={"n_workers": orchestration.max_parallel_stages,
                                           "threads_per_worker": 1, "processes": True})
 
 
-def _share_api_with_dask_workers() -> None:
-    """Without a configured server, start the temporary one now and hand its URL to the workers."""
+def start_temporary_server() -> None:
+    """Without a configured Prefect server, start the temporary one now.
+
+    It is the instance this process's own client uses (a singleton); its URL goes into the
+    environment for Dask workers.
+    """
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL"):
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()  # the same instance this process's own client will use
+    server = SubprocessASGIServer()
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the worker processes
 
@@ -198,13 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     args = parser.parse_args(argv)
+    root = Path(args.repo).resolve()
     try:
-        config = check_inputs(Path(args.repo).resolve(), args.params)
-    except (ParamsError, DataError) as err:  # before any Prefect server starts or any stage runs
-        print(f"error: {err}", file=sys.stderr)
+        config = check_inputs(root, args.params)
+        with reserve(root):  # before any Prefect server starts: a refused run starts and records nothing
+            # Should this process be killed, a watchdog stops what it started (the temporary
+            # Prefect server, Dask workers) instead of leaving them running under pid 1.
+            stop_children_with_this_process()
+            start_temporary_server()
+            runner = make_task_runner(config.orchestration)
+            result = pipeline.with_options(task_runner=runner)(args.repo, args.params, args.force)
+    except (ParamsError, DataError, PipelineBusy) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
         return 2
-    runner = make_task_runner(config.orchestration)
-    result = pipeline.with_options(task_runner=runner)(args.repo, args.params, args.force)
     print(f"report: {result['report']}")
     return 0
 

@@ -214,6 +214,20 @@ class DequantizedDensityModel(GenerativeModel):
                 "_iwae": (iw_samples, f"importance-weighted dequantization bound, k={iw_samples}")}
 
 
+def check_sizes(config: Any, limits: dict[str, int | float]) -> None:
+    """Raise ``ValueError`` unless ``0 < config.<name> <= limit`` for every name in ``limits``.
+
+    The upper bounds keep a typo (``latent_dim: 1000000000000``) from asking for petabytes or
+    looping for days before anything can report it; they sit far above any sensible setting.
+    """
+    for name, limit in limits.items():
+        value = getattr(config, name)
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+        if value > limit:
+            raise ValueError(f"{name} must be <= {limit}, got {value}")
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A family config dataclass as a plain dict (for checkpoints and JSON)."""
     return dataclasses.asdict(config)

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genai_models.base import GenerativeModel, ImageSpec, Precision, TrainSettings, images_to_unit, unit_to_images
+from genai_models.base import (
+    GenerativeModel, ImageSpec, Precision, TrainSettings, check_sizes, images_to_unit, unit_to_images,
+)
 
 
 @dataclass
@@ -26,9 +28,7 @@ class DCGANConfig:
     discriminator_lr_scale: float = 1.0  # discriminator lr = learning_rate * this
 
     def __post_init__(self) -> None:
-        for name in ("latent_dim", "base_channels", "discriminator_lr_scale"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_sizes(self, {"latent_dim": 4096, "base_channels": 1024, "discriminator_lr_scale": 1000.0})
 
 
 class LatentImageGAN(GenerativeModel):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genai_models.base import GenerativeModel, ImageSpec, images_to_unit, unit_to_images
+from genai_models.base import GenerativeModel, ImageSpec, check_sizes, images_to_unit, unit_to_images
 
 
 @dataclass
@@ -43,9 +43,8 @@ class DDPMConfig:
     bound_samples: int = 4         # stratified Monte-Carlo draws (t, noise) per image for the bound in evaluation
 
     def __post_init__(self) -> None:
-        for name in ("base_channels", "num_train_timesteps", "sample_steps", "bound_samples"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_sizes(self, {"base_channels": 1024, "num_train_timesteps": 100_000, "sample_steps": 100_000,
+                           "bound_samples": 100_000})
         if self.base_channels % 4:
             raise ValueError(f"base_channels must be divisible by 4 (group norm), got {self.base_channels}")
         if not 0 < self.beta_start < self.beta_end < 1:

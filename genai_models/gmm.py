@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from genai_models.base import DequantizedDensityModel, ImageSpec, Precision, TrainSettings
+from genai_models.base import DequantizedDensityModel, ImageSpec, Precision, TrainSettings, check_sizes
 
 
 @dataclass
@@ -48,9 +48,8 @@ class GMMConfig:
     variance_lr_scale: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("num_components", "latent_dim", "init_std", "min_std", "variance_lr_scale"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_sizes(self, {"num_components": 10_000, "latent_dim": 1024, "init_std": 1e3, "min_std": 1e3,
+                           "variance_lr_scale": 1e6})
 
 
 def mfa_log_density(y: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, factors: torch.Tensor,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genai_models.base import GenerativeModel, ImageSpec, images_to_unit
+from genai_models.base import GenerativeModel, ImageSpec, check_sizes, images_to_unit
 
 
 @dataclass
@@ -40,9 +40,7 @@ class PixelCNNConfig:
     kernel_size: int = 3       # odd: the vertical stack is (k//2+1) x k, the horizontal 1 x (k//2+1)
 
     def __post_init__(self) -> None:
-        for name in ("hidden_channels", "num_layers", "kernel_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_sizes(self, {"hidden_channels": 4096, "num_layers": 256, "kernel_size": 63})
         if self.kernel_size % 2 == 0 or self.kernel_size < 3:
             raise ValueError(f"kernel_size must be odd and >= 3, got {self.kernel_size}")
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genai_models.base import DequantizedDensityModel, ImageSpec
+from genai_models.base import DequantizedDensityModel, ImageSpec, check_sizes
 
 
 @dataclass
@@ -45,9 +45,8 @@ class RealNVPConfig:
     max_importance_samples: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("num_scales", "hidden_channels", "num_blocks", "final_couplings", "max_importance_samples"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_sizes(self, {"num_scales": 8, "hidden_channels": 4096, "num_blocks": 64, "final_couplings": 64,
+                           "max_importance_samples": 100_000})
         if not 0.0 <= self.logit_alpha < 0.5:
             raise ValueError(f"logit_alpha must be in [0, 0.5), got {self.logit_alpha}")
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genai_models.base import GenerativeModel, TextSpec
+from genai_models.base import GenerativeModel, TextSpec, check_sizes
 
 
 @dataclass
@@ -28,9 +28,8 @@ class TransformerLMConfig:
     temperature: float = 1.0  # sampling temperature used by ``sample``
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "num_layers", "num_heads", "ff_multiplier", "temperature"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_sizes(self, {"d_model": 16384, "num_layers": 256, "num_heads": 256, "ff_multiplier": 64,
+                           "temperature": 100.0})
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:

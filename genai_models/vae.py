@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genai_models.base import GenerativeModel, ImageSpec
+from genai_models.base import GenerativeModel, ImageSpec, check_sizes
 from genai_models.metrics.likelihood import discretized_logistic_log_prob, log_mean_exp
 
 
@@ -33,9 +33,7 @@ class VAEConfig:
     decode_chunk: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("latent_dim", "base_channels", "hidden_dim", "decode_chunk"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_sizes(self, {"latent_dim": 4096, "base_channels": 1024, "hidden_dim": 65536, "decode_chunk": 2**20})
 
 
 class VAE(GenerativeModel):

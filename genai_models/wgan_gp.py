@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from genai_models.base import ImageSpec, Precision, TrainSettings, images_to_unit
+from genai_models.base import ImageSpec, Precision, TrainSettings, check_sizes, images_to_unit
 from genai_models.dcgan import LatentImageGAN
 
 
@@ -37,9 +37,7 @@ class WGANGPConfig:
     gradient_penalty_weight: float = 10.0  # lambda
 
     def __post_init__(self) -> None:
-        for name in ("latent_dim", "base_channels", "n_critic"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_sizes(self, {"latent_dim": 4096, "base_channels": 1024, "n_critic": 100})
         if self.gradient_penalty_weight < 0:
             raise ValueError(f"gradient_penalty_weight must be >= 0, got {self.gradient_penalty_weight}")
 

