@@ -3,8 +3,8 @@
 Every family in the registry is measured at its ``params.yaml`` model config and batch
 size, on synthetic data with the default data's shapes (MNIST-5k images 1x28x28; Lee
 news text: 2,893 tokens, sequences of up to 34). Both loops see the same data; "ours"
-is the real ``Trainer.fit`` (batch_indices, ``training_step`` through ``Precision``,
-``float()`` of each loss term, the finite check), "plain" calls the family's network
+is the real ``Trainer.fit`` (batch order, ``training_step`` through ``Precision``, the
+loss terms kept on the device and read back with their finite check once per ``fit`` call), "plain" calls the family's network
 modules and loss math directly with a plain optimizer step (the likelihood families whose
 objective is one loss call their own ``loss``: the comparison is the loop around it).
 """
@@ -15,8 +15,9 @@ import copy
 import logging
 import math
 import statistics
+import tempfile
 import time
-from types import SimpleNamespace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -179,30 +180,21 @@ def model_name(model) -> str:
     return next(name for name, fam in REGISTRY.items() if type(model) is fam.model_class)
 
 
-def make_trainer(family: str, model, train: torch.Tensor, config) -> Trainer:
-    """The real ``Trainer`` around an in-memory model and data (no prepared data, no state files).
+def make_trainer(family: str, train: torch.Tensor, spec, config, state_dir: Path) -> Trainer:
+    """The real ``Trainer`` on in-memory data, its resumable state in ``state_dir``.
 
-    Built with ``__new__`` because ``Trainer.__init__`` reads the prepared data from disk; the
-    attributes are the ones ``Trainer.fit`` uses. Validation and checkpoints are switched off.
+    Validation, logging and checkpoints are switched off: ``fit`` reads the loss terms back once,
+    at the end of each ``run_trainer`` call.
     """
-    train_config = config.families[family].train
-    trainer = Trainer.__new__(Trainer)
-    trainer.family, trainer.config, trainer.device = family, config, torch.device("cpu")
-    trainer.train_config = SimpleNamespace(steps=0, batch_size=train_config.batch_size, log_every=10**9,
-                                           eval_every=None, checkpoint_every=10**9, keep_best=False)
-    trainer.data = TrainingData(train, train[:1], model.spec, "synthetic")
-    trainer.model = model
-    trainer.settings = _settings(train_config)
-    trainer.optimizers = model.configure_optimizers(trainer.settings)
-    from genai_models.base import Precision
-    trainer.precision = Precision(trainer.device, config.mixed_precision)
-    trainer.step, trainer.curve, trainer.train_seconds, trainer.best = 0, [], 0.0, None
-    return trainer
+    train_config = config.families[family].train.model_copy(update={
+        "steps": 10**9, "log_every": 10**9, "checkpoint_every": 10**9, "eval_every": None, "keep_best": False})
+    families = {**config.families, family: config.families[family].model_copy(update={"train": train_config})}
+    config = config.model_copy(update={"families": families})
+    return Trainer(config, family, data=TrainingData(train, train[:1], spec, "synthetic"), state_dir=state_dir)
 
 
 def run_trainer(trainer: Trainer, steps: int) -> None:
-    trainer.train_config.steps = trainer.step + steps
-    trainer.fit()
+    trainer.fit(until=trainer.step + steps)
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> tuple[list[float], str]:
@@ -249,9 +241,10 @@ def step_flops(trainer: Trainer, batch_size: int) -> int:
 
 def training_figures(quick: bool, peak_flops: float, peak_how: str) -> list[Figure]:
     """Item 1 for every registered family: samples/s of ours and plain, their ratio, MFU."""
-    config = load_params("params.yaml")
+    config = load_params("params.yaml").model_copy(update={"device": "cpu"})
     steps, repeats = (5, 9) if quick else (10, 21)
     figures = []
+    state_dir = Path(tempfile.mkdtemp(prefix="bench-train-"))  # never the checkout's own .runs/
     for family_name, family in REGISTRY.items():
         if family_name not in PLAIN_LOOPS or family_name not in config.families:
             why = "no plain loop written in benchmarks/training.py" if family_name not in PLAIN_LOOPS else \
@@ -259,13 +252,11 @@ def training_figures(quick: bool, peak_flops: float, peak_how: str) -> list[Figu
             figures.append(Figure(ITEM_TRAIN, f"{family_name}: ours / plain", "x", None, status="skipped",
                                   how=f"skipped: {why}"))
             continue
-        torch.manual_seed(0)
         spec = IMAGE_SPEC if family.modality == "image" else TEXT_SPEC
-        model = family.build(config.family_model_config(family_name), spec).train()
-        plain_model = copy.deepcopy(model)
         train = synthetic_data(family.modality)
         batch_size = config.families[family_name].train.batch_size
-        trainer, plain = make_trainer(family_name, model, train, config), PlainLoop(plain_model, train, batch_size)
+        trainer = make_trainer(family_name, train, spec, config, state_dir)
+        plain = PlainLoop(copy.deepcopy(trainer.model), train, batch_size)
         run_trainer(trainer, 3)  # warm-up: allocator, first-call dispatch
         plain.run(3)
         ours_s, plain_s = [], []

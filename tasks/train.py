@@ -60,16 +60,40 @@ def load_training_data(modality: str) -> TrainingData:
     return TrainingData(split("train"), split("val"), spec, checksum, binarized)
 
 
+def epoch_permutation(epoch: int, num_examples: int, seed: int) -> torch.Tensor:
+    """The seeded order of the training examples in ``epoch`` (on the CPU)."""
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> torch.Tensor:
     """Indices of the batch at ``step``: a fresh seeded permutation per epoch, last partial batch dropped.
 
     A pure function of the step, so a resumed run sees exactly the batches it would have seen.
     """
     batch_size = min(batch_size, num_examples)
-    per_epoch = num_examples // batch_size
-    epoch, position = divmod(step, per_epoch)
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[position * batch_size:(position + 1) * batch_size]
+    epoch, position = divmod(step, num_examples // batch_size)
+    return epoch_permutation(epoch, num_examples, seed)[position * batch_size:(position + 1) * batch_size]
+
+
+class BatchOrder:
+    """``batch_indices`` for consecutive steps, with each epoch's permutation made once and kept on ``device``.
+
+    Drawing a permutation of the whole training set every step costs more than a small model's
+    GPU step; this makes it once per epoch and slices it on the device (no host round trip).
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, device: torch.device) -> None:
+        self.num_examples, self.batch_size, self.seed, self.device = num_examples, min(batch_size, num_examples), seed, device
+        self.per_epoch = num_examples // self.batch_size
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        """(batch_size,) indices of the batch at ``step``, on ``device``; equal to ``batch_indices``."""
+        epoch, position = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = epoch_permutation(epoch, self.num_examples, self.seed).to(self.device)
+        return self._order[position * self.batch_size:(position + 1) * self.batch_size]
 
 
 def _settings(train: TrainConfig) -> TrainSettings:
@@ -77,27 +101,42 @@ def _settings(train: TrainConfig) -> TrainSettings:
 
 
 class Trainer:
-    """Holds what one family's training run needs; ``fit`` runs it, resuming where it stopped."""
+    """Holds what one family's training run needs; ``fit`` runs it, resuming where it stopped.
 
-    def __init__(self, config: PipelineConfig, family: str) -> None:
+    The per-step path (``fit``'s loop) never reads a value back to the host: the loss terms of
+    each step stay on the device until the end of a *window* (every ``log_every`` and
+    ``checkpoint_every`` steps, and the last step), where ``_close_window`` reads them all at
+    once, checks they are finite, logs, validates and checkpoints.
+    """
+
+    def __init__(self, config: PipelineConfig, family: str, data: TrainingData | None = None,
+                 state_dir: Path | None = None) -> None:
+        """``data``: the prepared data of the family's modality unless given; ``state_dir``: where the
+        resumable state lives (default ``.runs/<family>``)."""
         self.family = family
         self.config = config
         self.train_config = config.families[family].train
         self.device = resolve_device(config.device)
         spec = get_family(family)
-        self.data = load_training_data(spec.modality)
+        self.data = data if data is not None else load_training_data(spec.modality)
         seed_everything(config.seed)
         self.model: GenerativeModel = spec.build(config.family_model_config(family), self.data.spec).to(self.device)
         self.settings = _settings(self.train_config)
         self.optimizers = self.model.configure_optimizers(self.settings)
         self.precision = Precision(self.device, config.mixed_precision)
-        self.state_dir = paths.RUN_STATE / family
+        # The training split lives on the device for the whole run: one copy, not one per step.
+        self.train_examples = self.data.train.to(self.device)
+        self.batch_order = BatchOrder(self.data.train.shape[0], self.train_config.batch_size, config.seed, self.device)
+        self._val_examples: torch.Tensor | None = None
+        self.state_dir = state_dir if state_dir is not None else paths.RUN_STATE / family
         recover_interrupted_save(self.state_dir / "state.pt")  # a previous run may have been killed mid-save
         self.fingerprint = self._fingerprint()
         self.step = 0
         self.curve: list[dict[str, float]] = []
         self.train_seconds = 0.0
         self.best: dict | None = None  # {"step", "val_loss", "weights"} when keep_best
+        self._window: list[dict[str, torch.Tensor]] = []  # loss terms of the steps since the last window end
+        self._window_start = time.perf_counter()
 
     def _fingerprint(self) -> str:
         """What a resumable state must match: family, configs, seed, data."""
@@ -144,38 +183,71 @@ class Trainer:
         log.info("%s: resumed from step %d (%s)", self.family, self.step, path)
 
     # --- the loop --------------------------------------------------------------------
-    def fit(self) -> None:
-        cfg, total = self.train_config, self.train_config.steps
+    def fit(self, until: int | None = None) -> None:
+        """Train from ``self.step`` up to step ``until`` (default: ``train.steps``)."""
+        total = self.train_config.steps if until is None else until
         self.model.train()
-        window_start, window_examples = time.perf_counter(), 0
+        self._window, self._window_start = [], time.perf_counter()
         while self.step < total:
-            tick = time.perf_counter()
-            index = batch_indices(self.step, self.data.train.shape[0], cfg.batch_size, self.config.seed)
-            batch = self.data.train[index].to(self.device, non_blocking=True)
-            if self.data.binarize:  # seeded by the step, like the batch order: resuming sees the same pixels
-                noise = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step + 7)
-                batch = data.binarize(batch, noise)
-            terms = self.model.training_step(batch, self.optimizers, self.precision, self.settings)
-            values = {name: float(value) for name, value in terms.items()}
-            self._check_finite(values)
+            terms = self.model.training_step(self.next_batch(), self.optimizers, self.precision, self.settings)
+            # Per-step additions (an EMA update, a learning-rate scheduler step) belong here: device-side
+            # work only, no value read back to the host.
+            self._window.append(terms)
             self.step += 1
-            self.train_seconds += time.perf_counter() - tick
-            window_examples += batch.shape[0]
-            if self.step % cfg.log_every == 0 or self.step == total:
-                elapsed = time.perf_counter() - window_start
-                rate = window_examples / max(elapsed, 1e-9)
-                self.curve.append({"step": self.step, **values, "samples_per_s": round(rate, 1)})
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self._validate_and_track_best()
-                eta = (total - self.step) * cfg.batch_size / max(rate, 1e-9)
-                log.info("%s step %d/%d  %s  | %.0f samples/s | ETA %s", self.family, self.step, total,
-                         "  ".join(f"{k} {v:.4g}" for k, v in values.items()), rate, format_duration(eta))
-                window_start, window_examples = time.perf_counter(), 0
-            if self.step % cfg.checkpoint_every == 0 and self.step < total:
-                self.save_state()
+            if self._window_ends(total):
+                self._close_window(total)
+
+    def next_batch(self) -> torch.Tensor:
+        """The training batch of ``self.step``, on the device."""
+        batch = self.train_examples[self.batch_order(self.step)]
+        if self.data.binarize:  # seeded by the step, like the batch order: resuming sees the same pixels
+            noise = torch.Generator(device=self.device).manual_seed(self.config.seed * 1_000_003 + self.step + 7)
+            batch = data.binarize(batch, noise)
+        return batch
+
+    def _window_ends(self, total: int) -> bool:
+        cfg = self.train_config
+        return self.step == total or self.step % cfg.log_every == 0 or self.step % cfg.checkpoint_every == 0
+
+    def _close_window(self, total: int) -> None:
+        """The host side of the steps since the last window: finite check, log, validate, checkpoint."""
+        cfg = self.train_config
+        steps, values = len(self._window), self._read_window()  # the window's one host synchronisation
+        elapsed = time.perf_counter() - self._window_start
+        self.train_seconds += elapsed
+        if self.step % cfg.log_every == 0 or self.step == total:
+            rate = steps * self.batch_order.batch_size / max(elapsed, 1e-9)
+            self.curve.append({"step": self.step, **values, "samples_per_s": round(rate, 1)})
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self._validate_and_track_best()
+            eta = (cfg.steps - self.step) * self.batch_order.batch_size / max(rate, 1e-9)
+            log.info("%s step %d/%d  %s  | %.0f samples/s | ETA %s", self.family, self.step, cfg.steps,
+                     "  ".join(f"{k} {v:.4g}" for k, v in values.items()), rate, format_duration(eta))
+        if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+            self.save_state()  # only ever after a finite window: the saved state is a good one
+        self._window, self._window_start = [], time.perf_counter()
+
+    def _read_window(self) -> dict[str, float]:
+        """Every loss term of the window's steps to the host at once; raise if any is not finite.
+
+        Returns the last step's terms (what the curve records).
+        """
+        names = list(self._window[-1])
+        values = torch.stack([torch.stack([terms[name].float() for name in names]) for terms in self._window])
+        values = values.cpu()  # (steps, terms)
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            row, column = bad[0].tolist()
+            raise TrainingDiverged(
+                f"{self.family}: loss term {names[column]!r} is {float(values[row, column])} at step "
+                f"{self.step - len(self._window) + row + 1}; the last good state is kept in "
+                f"{self.state_dir / 'state.pt'} (if any)"
+            )
+        return dict(zip(names, values[-1].tolist()))
 
     def _validate_and_track_best(self) -> None:
-        """Validation loss into the curve; with keep_best, remember the best weights so far."""
+        """The validation hook, run every ``eval_every`` steps: validation loss into the curve's last row;
+        with keep_best, remember the best weights so far."""
         val_loss = self.validation_loss()
         self.curve[-1]["val_loss"] = round(val_loss, 6)
         log.info("%s step %d  validation loss %.4g", self.family, self.step, val_loss)
@@ -190,32 +262,27 @@ class Trainer:
             log.info("%s: keeping the weights of step %d (validation loss %.4g)", self.family,
                      self.best["step"], self.best["val_loss"])
 
-    def _check_finite(self, values: dict[str, float]) -> None:
-        for name, value in values.items():
-            if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"{self.family}: loss term {name!r} is {value} at step {self.step + 1}; "
-                    f"the last good state is kept in {self.state_dir / 'state.pt'} (if any)"
-                )
-
     @torch.no_grad()
     def validation_loss(self) -> float:
         """Mean ``loss`` over the validation split, in eval mode.
 
         Stochastic objectives (VAE, GAN) see fixed noise; the training random stream is
-        left untouched, so validating does not change what training does next.
+        left untouched, so validating does not change what training does next. The split
+        is copied to the device once; the sum stays there until the end.
         """
+        if self._val_examples is None:
+            self._val_examples = self.data.val.to(self.device)
         self.model.eval()
-        batch_size, total, count = self.train_config.batch_size, 0.0, 0
+        batch_size, count = self.train_config.batch_size, self._val_examples.shape[0]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
-            for start in range(0, self.data.val.shape[0], batch_size):
-                batch = self.data.val[start:start + batch_size].to(self.device)
-                total += float(self.model.loss(batch)["loss"]) * batch.shape[0]
-                count += batch.shape[0]
+            for start in range(0, count, batch_size):
+                batch = self._val_examples[start:start + batch_size]
+                total += self.model.loss(batch)["loss"].double() * batch.shape[0]
         self.model.train()
-        return total / max(count, 1)
+        return float(total) / max(count, 1)
 
 
 def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
@@ -261,14 +328,24 @@ def write_curve(curve: list[dict[str, float]], path: Path) -> None:
 
 
 def train_family(config: PipelineConfig, family: str) -> Path:
-    """Train ``family`` and write ``models/<family>/``; returns that folder."""
+    """Train ``family`` and write ``models/<family>/``; returns that folder. Setup, fit, save."""
     clock = StepClock(f"train {family}")
     trainer = Trainer(config, family)
-    parameters = sum(p.numel() for p in trainer.model.parameters())
-    log.info("%s: %d parameters on %s (%s), %d training examples", family, parameters,
+    log.info("%s: %d parameters on %s (%s), %d training examples", family, count_parameters(trainer.model),
              device_name(trainer.device), trainer.precision.name, trainer.data.train.shape[0])
     trainer.try_resume()
     trainer.fit()
+    return save_outputs(trainer, clock)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_outputs(trainer: Trainer, clock: StepClock) -> Path:
+    """The finished run's ``models/<family>/`` (checkpoint, curve, samples, config, summary), all or nothing;
+    then the resumable state is removed."""
+    family, config, train_config = trainer.family, trainer.config, trainer.train_config
     trainer.restore_best()
     val_loss = trainer.validation_loss()
     log.info("%s: validation loss %.4g", family, val_loss)
@@ -276,19 +353,19 @@ def train_family(config: PipelineConfig, family: str) -> Path:
     with replace_directory(out) as tmp:
         save_torch(model_checkpoint(trainer.model, family), tmp / "model.pt")
         write_curve(trainer.curve, tmp / "loss.csv")
-        write_samples(trainer.model, trainer.train_config.num_samples, config.seed, tmp)
+        write_samples(trainer.model, train_config.num_samples, config.seed, tmp)
         atomic_write_json(tmp / "config.json", {
             "family": family, "seed": config.seed, "model": config_to_dict(trainer.model.config),
-            "train": trainer.train_config.model_dump(), "data_checksum": trainer.data.checksum,
+            "train": train_config.model_dump(), "data_checksum": trainer.data.checksum,
         })
-        examples = trainer.train_config.steps * min(trainer.train_config.batch_size, trainer.data.train.shape[0])
+        examples = train_config.steps * trainer.batch_order.batch_size
         atomic_write_json(tmp / "summary.json", {
             **clock.record(), "family": family, "device": device_name(trainer.device),
-            "precision": trainer.precision.name, "steps": trainer.train_config.steps,
+            "precision": trainer.precision.name, "steps": train_config.steps,
             "train_seconds": round(trainer.train_seconds, 3),
             "train_samples_per_s": round(examples / max(trainer.train_seconds, 1e-9), 1),
             "final_train_loss": trainer.curve[-1]["loss"] if trainer.curve else None,
-            "val_loss": val_loss, "parameters": parameters, "torch": torch.__version__,
+            "val_loss": val_loss, "parameters": count_parameters(trainer.model), "torch": torch.__version__,
             "best_step": trainer.best["step"] if trainer.best else None,
         })
     # The resumable state is only useful while the run is unfinished.
