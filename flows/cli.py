@@ -53,8 +53,16 @@ def run(argv: list[str] | None = None) -> Path | None:
 
         return features.build_feature_extractor(config)
     if args.step == "train":
-        from tasks import train
+        from tasks import distributed, paths, train
 
+        processes = config.families[family].train.distributed
+        if processes is not None and distributed.LAUNCHED not in os.environ:  # not yet under torchrun
+            from tasks.runtime import resolve_device
+
+            key = f"families.{family}.train.distributed"
+            count = distributed.processes(processes, resolve_device(config.device), key)
+            distributed.launch(count, ["--params", args.params, "train", family])
+            return paths.model_dir(family)
         return train.train_family(config, family)
     if args.step == "evaluate":
         from tasks import evaluate
@@ -100,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     stop_when_parent_dies()
     from tasks.checkpoints import CheckpointError
     from tasks.datasets import DataError
+    from tasks.distributed import DistributedError
     from tasks.io import DiskFullError
     from tasks.train import TrainingDiverged
 
-    expected = (ParamsError, DataError, FileNotFoundError, TrainingDiverged, CheckpointError, DiskFullError)
+    expected = (ParamsError, DataError, FileNotFoundError, TrainingDiverged, CheckpointError, DiskFullError,
+                DistributedError)
     try:
         output = run(argv)
     except expected as err:

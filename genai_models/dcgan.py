@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genai_models.base import GenerativeModel, ImageSpec, Precision, TrainSettings, images_to_unit, unit_to_images
+from genai_models.base import (
+    GenerativeModel, ImageSpec, Precision, TrainSettings, fast_optimizer_options, images_to_unit, unit_to_images,
+)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class LatentImageGAN(GenerativeModel):
     """
 
     modality = "image"
+    supports_data_parallel = False  # two players, each with its own step (and batch norm)
 
     def __init__(self, config, spec: ImageSpec, width: int) -> None:
         super().__init__(config, spec)
@@ -98,8 +101,10 @@ class DCGAN(LatentImageGAN):
         betas = (0.5, 0.999)  # as in the DCGAN paper
         d_lr = settings.learning_rate * self.config.discriminator_lr_scale
         return [
-            torch.optim.Adam(self.discriminator.parameters(), lr=d_lr, betas=betas),
-            torch.optim.Adam(self.generator.parameters(), lr=settings.learning_rate, betas=betas),
+            torch.optim.Adam(self.discriminator.parameters(), lr=d_lr, betas=betas,
+                             **fast_optimizer_options(self.discriminator.parameters())),
+            torch.optim.Adam(self.generator.parameters(), lr=settings.learning_rate, betas=betas,
+                             **fast_optimizer_options(self.generator.parameters())),
         ]
 
     def training_step(

@@ -82,6 +82,16 @@ class TrainConfig(_Strict):
     num_samples: int = Field(64, gt=0)  # samples written next to the checkpoint
     eval_every: int | None = Field(None, gt=0)  # validation loss every N steps (into loss.csv)
     keep_best: bool = False  # end with the weights of the lowest validation loss (needs eval_every)
+    # Data-parallel training (PyTorch DDP, launched with torchrun): the number of processes, or
+    # "all" (one per visible GPU). batch_size stays the global batch, split evenly between them.
+    distributed: int | Literal["all"] | None = None
+
+    @field_validator("distributed")
+    @classmethod
+    def _positive_processes(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a number of processes >= 1, or 'all' (one per GPU), or null")
+        return value
 
     @model_validator(mode="after")
     def _best_needs_eval(self) -> "TrainConfig":
@@ -89,6 +99,9 @@ class TrainConfig(_Strict):
             raise ValueError("keep_best needs eval_every: validation loss is only measured every eval_every steps")
         if self.eval_every and self.eval_every % self.log_every:  # the val loss goes into a logged curve row
             raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of log_every ({self.log_every})")
+        if isinstance(self.distributed, int) and self.batch_size % self.distributed:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by distributed "
+                             f"({self.distributed} processes): it is the global batch, split evenly")
         return self
 
 
@@ -130,10 +143,30 @@ class ReportConfig(_Strict):
     path: str = "reports/report.html"
 
 
+class PerformanceConfig(_Strict):
+    """Speed settings of the steps that use torch. They change run time, not what is computed
+    (beyond float rounding, and run-to-run bit-exactness where ``deterministic`` is off)."""
+
+    # Image batches and convolution weights in NHWC memory layout (faster convolutions on GPUs).
+    # auto: on CUDA for image families, never on the CPU.
+    channels_last: bool | Literal["auto"] = "auto"
+    # torch.compile of every network the training step runs. reduce-overhead also captures CUDA
+    # graphs. Compiling costs seconds to minutes at the start: it pays off on long GPU runs.
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    # Deterministic kernels (bit-exact reruns and resumes). auto: on the CPU; on CUDA off, with
+    # cuDNN picking the fastest convolution algorithms.
+    deterministic: bool | Literal["auto"] = "auto"
+
+
 class OrchestrationConfig(_Strict):
     # Stages the Prefect flow runs at once. Each stage is a process using all cores, so
     # more than 1 only pays off with spare cores or GPUs.
     max_parallel_stages: int = Field(1, gt=0)
+    # GPUs the flow hands out, one to each stage that uses one (features, train, evaluate), pinned
+    # through CUDA_VISIBLE_DEVICES: "all" (every visible GPU) or a list of device indices. A
+    # stage waits while every GPU is taken; CPU-only stages (prepare, report) run beside them.
+    # Ignored when no GPU is visible or device is cpu.
+    gpus: Literal["all"] | list[int] = "all"
     # thread: stages run from threads of the flow's process; dask: from Dask workers.
     task_runner: Literal["thread", "dask"] = "thread"
     # dask only: a scheduler address (tcp://host:8786); null starts a local cluster of
@@ -155,6 +188,16 @@ class OrchestrationConfig(_Strict):
             raise ValueError(f"not a cron expression ({err}); e.g. '0 3 * * *' is every day at 03:00") from None
         return schedule
 
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_indices(cls, gpus: str | list[int]) -> str | list[int]:
+        if isinstance(gpus, list):
+            if not gpus:
+                raise ValueError("name at least one GPU index, or 'all' (for no GPU at all, set device: cpu)")
+            if min(gpus) < 0 or len(set(gpus)) != len(gpus):
+                raise ValueError("GPU indices must be distinct and >= 0")
+        return gpus
+
     @model_validator(mode="after")
     def _address_for_dask(self) -> "OrchestrationConfig":
         if self.dask_address and self.task_runner != "dask":
@@ -166,6 +209,7 @@ class PipelineConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = True  # CUDA only
+    performance: PerformanceConfig = PerformanceConfig()
     data: DataConfig = DataConfig()
     features: FeaturesConfig = FeaturesConfig()
     families: dict[str, FamilyConfig]
@@ -236,6 +280,11 @@ def parse_params(raw: Any, source: str = "params.yaml") -> PipelineConfig:
             config.family_model_config(name)
         except ValidationError as err:
             problems.append(_format_error(err, f"families.{name}.model"))
+        distributed = config.families[name].train.distributed
+        if distributed is not None and not REGISTRY[name].model_class.supports_data_parallel:
+            able = ", ".join(n for n, f in REGISTRY.items() if f.model_class.supports_data_parallel)
+            problems.append(f"  families.{name}.train.distributed: {name} does not train data-parallel "
+                            f"(families that do: {able}); set it to null (got {distributed!r})")
     if problems:
         raise ParamsError(f"{source} is invalid:\n" + "\n".join(problems))
     return config

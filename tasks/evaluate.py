@@ -7,7 +7,6 @@ Text: BLEU-2..4 against the test split, Self-BLEU-2..4, test NLL per token, perp
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import time
@@ -24,7 +23,7 @@ from tasks.checkpoints import load_model
 from tasks.config import PipelineConfig
 from tasks.features import extractor_description, load_extractor, load_reference_stats
 from tasks.io import atomic_write_json, replace_directory
-from tasks.runtime import StepClock, device_name, resolve_device, seed_everything
+from tasks.runtime import StepClock, deterministic_on, device_name, project_version, resolve_device, seed_everything
 from tasks.train import write_samples
 
 log = logging.getLogger(__name__)
@@ -32,9 +31,9 @@ BLEU_ORDERS = (2, 3, 4)
 
 
 def draw_samples(model: GenerativeModel, count: int, batch_size: int, seed: int) -> torch.Tensor:
-    """``count`` samples in batches from one seeded generator, on the CPU."""
+    """``count`` samples in batches from one seeded generator; gathered on the device, returned on the CPU."""
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    return torch.cat([model.sample(min(batch_size, count - i), generator).cpu() for i in range(0, count, batch_size)])
+    return torch.cat([model.sample(min(batch_size, count - i), generator) for i in range(0, count, batch_size)]).cpu()
 
 
 def _fid_of(extractor, images: torch.Tensor, reference: tuple, device: torch.device) -> float:
@@ -44,8 +43,11 @@ def _fid_of(extractor, images: torch.Tensor, reference: tuple, device: torch.dev
 
 @torch.no_grad()
 def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.device) -> tuple[dict, dict]:
-    """Test NLL in nats/image and bits/dim: exact, or the bounds the family names (-ELBO, IWAE, ...)."""
-    test = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "test")[0])
+    """Test NLL in nats/image and bits/dim: exact, or the bounds the family names (-ELBO, IWAE, ...).
+
+    The test split is copied to the device once; per-image values stay there until the mean.
+    """
+    test = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "test")[0]).to(device)
     num_dims = model.spec.num_dims
     bounds = ({"": (1, "exact")} if not model.likelihood_is_bound
               else model.likelihood_bounds(config.evaluate.iw_samples))
@@ -56,9 +58,9 @@ def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.devi
         batch_size = max(1, config.evaluate.batch_size // k)
         generator = torch.Generator(device=device).manual_seed(config.seed)
         log_likelihood = torch.cat([
-            model.log_likelihood(test[i:i + batch_size].to(device), importance_samples=k, generator=generator).cpu()
+            model.log_likelihood(test[i:i + batch_size], importance_samples=k, generator=generator)
             for i in range(0, test.shape[0], batch_size)
-        ]).double()
+        ]).double().cpu()
         nats = float(-log_likelihood.mean())
         metrics[f"nll{suffix}_nats"] = nats
         metrics[f"bits_per_dim{suffix}"] = nats_to_bits_per_dim(nats, num_dims)
@@ -74,7 +76,7 @@ def evaluate_images(model: GenerativeModel, family: str, config: PipelineConfig,
     reference = load_reference_stats()
     extractor_summary = load_reference_summary()
     samples = draw_samples(model, count, config.evaluate.batch_size, seed)
-    seed_everything(seed)
+    seed_everything(seed, deterministic_on(config.performance.deterministic, device))
     untrained = get_family(family).build(model.config, model.spec).to(device).eval()
     metrics = {
         "fid": _fid_of(extractor, samples, reference, device),
@@ -113,8 +115,9 @@ def evaluate_text(model: GenerativeModel, config: PipelineConfig, device: torch.
     for n, value in self_bleu(real, max_n=4).items():
         metrics[f"self_bleu{n}_real"] = value
     encoded = data.encode_sentences(test, vocab, model.spec.max_len)
-    total_nats = float(-torch.cat([model.log_likelihood(encoded[i:i + 256].to(device)).cpu()
-                                   for i in range(0, encoded.shape[0], 256)]).double().sum())
+    on_device, batch_size = encoded.to(device), config.evaluate.batch_size
+    total_nats = float(-torch.cat([model.log_likelihood(on_device[i:i + batch_size])
+                                   for i in range(0, encoded.shape[0], batch_size)]).double().sum())
     num_tokens = int((encoded[:, 1:] != model.spec.pad_id).sum())
     metrics["nll_per_token"] = total_nats / num_tokens
     metrics["perplexity"] = perplexity(total_nats, num_tokens)
@@ -173,7 +176,7 @@ def evaluate_family(config: PipelineConfig, family: str) -> Path:
         atomic_write_json(tmp / "provenance.json", {
             "family": family, "modality": model.modality, "how": {k: how[k] for k in metrics if k in how},
             "device": device_name(device), "torch": torch.__version__,
-            "genai_pipeline": importlib.metadata.version("genai-pipeline"), **generation, **clock.record(),
+            "genai_pipeline": project_version(), **generation, **clock.record(),
         })
     # Written last: a failure above leaves the previous metrics, and the stage unrecorded.
     atomic_write_json(paths.metrics_file(family), {k: round(v, 6) for k, v in metrics.items()})

@@ -28,9 +28,37 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed torch; with ``deterministic``, deterministic kernels (bit-exact reruns), else cuDNN autotuning."""
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def deterministic_on(setting: bool | str, device: torch.device) -> bool:
+    """``performance.deterministic`` resolved: auto means on for the CPU, off for CUDA."""
+    return device.type != "cuda" if setting == "auto" else bool(setting)
+
+
+def project_version() -> str:
+    """This project's version: from the installed package, else from pyproject.toml beside the code.
+
+    A checkout used without ``pip install -e .`` has no package metadata; that must not fail a step.
+    """
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("genai-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        return str(tomllib.loads(pyproject.read_text())["project"]["version"]) + " (not installed)"
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown (not installed)"
 
 
 def device_name(device: torch.device) -> str:

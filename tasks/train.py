@@ -21,13 +21,14 @@ from PIL import Image
 
 from genai_models.base import DataSpec, GenerativeModel, Precision, TrainSettings, config_to_dict
 from genai_models.registry import get_family
-from tasks import data, paths
+from tasks import data, distributed, paths
 from tasks.checkpoints import (
     CheckpointError, checksum_path, load_torch, model_checkpoint, recover_interrupted_save, save_torch,
 )
-from tasks.config import PipelineConfig, TrainConfig
+from tasks.config import ParamsError, PipelineConfig, TrainConfig
+from tasks.distributed import DataParallel
 from tasks.io import atomic_write_json, replace_directory, sha256_file
-from tasks.runtime import StepClock, device_name, format_duration, resolve_device, seed_everything
+from tasks.runtime import StepClock, deterministic_on, device_name, format_duration, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -107,29 +108,36 @@ class Trainer:
     each step stay on the device until the end of a *window* (every ``log_every`` and
     ``checkpoint_every`` steps, and the last step), where ``_close_window`` reads them all at
     once, checks they are finite, logs, validates and checkpoints.
+
+    With ``parallel`` active (several processes, see ``tasks.distributed``) each process trains
+    on its share of every global batch through DDP; only the main process validates and saves.
     """
 
     def __init__(self, config: PipelineConfig, family: str, data: TrainingData | None = None,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, parallel: DataParallel = DataParallel()) -> None:
         """``data``: the prepared data of the family's modality unless given; ``state_dir``: where the
-        resumable state lives (default ``.runs/<family>``)."""
-        self.family = family
-        self.config = config
+        resumable state lives (default ``.runs/<family>``); ``parallel``: this process's rank among
+        the data-parallel processes (default: the only one)."""
+        self.family, self.config, self.parallel = family, config, parallel
         self.train_config = config.families[family].train
-        self.device = resolve_device(config.device)
-        spec = get_family(family)
-        self.data = data if data is not None else load_training_data(spec.modality)
-        seed_everything(config.seed)
-        self.model: GenerativeModel = spec.build(config.family_model_config(family), self.data.spec).to(self.device)
-        self.settings = _settings(self.train_config)
-        self.optimizers = self.model.configure_optimizers(self.settings)
-        self.precision = Precision(self.device, config.mixed_precision)
+        self.device = parallel.device(resolve_device(config.device))
+        family_spec = get_family(family)
+        self.data = data if data is not None else load_training_data(family_spec.modality)
         # The training split lives on the device for the whole run: one copy, not one per step.
         self.train_examples = self.data.train.to(self.device)
         self.batch_order = BatchOrder(self.data.train.shape[0], self.train_config.batch_size, config.seed, self.device)
         self._val_examples: torch.Tensor | None = None
+        seed_everything(config.seed, deterministic_on(config.performance.deterministic, self.device))
+        self.channels_last = channels_last_on(config.performance.channels_last, self.device, family_spec.modality)
+        self.model: GenerativeModel = self._build_model()
+        self.settings = _settings(self.train_config)
+        self.optimizers = self.model.configure_optimizers(self.settings)
+        self.precision = Precision(self.device, config.mixed_precision)
+        self.loss_fn = parallel.wrap_loss(self.model)  # DDP across processes; None: the model's own loss
         self.state_dir = state_dir if state_dir is not None else paths.RUN_STATE / family
-        recover_interrupted_save(self.state_dir / "state.pt")  # a previous run may have been killed mid-save
+        if parallel.is_main:
+            recover_interrupted_save(self.state_dir / "state.pt")  # a previous run may have been killed mid-save
+        parallel.barrier()
         self.fingerprint = self._fingerprint()
         self.step = 0
         self.curve: list[dict[str, float]] = []
@@ -138,14 +146,37 @@ class Trainer:
         self._window: list[dict[str, torch.Tensor]] = []  # loss terms of the steps since the last window end
         self._window_start = time.perf_counter()
 
+    def _build_model(self) -> GenerativeModel:
+        """The family's model from the seed, on the device, in the memory layout and compiled as configured."""
+        model = get_family(self.family).build(self.config.family_model_config(self.family), self.data.spec)
+        model = model.to(self.device)
+        if self.parallel.active:
+            self._check_data_parallel(model)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.config.performance.compile != "off":
+            compile_networks(model, self.config.performance.compile)
+        return model
+
+    def _check_data_parallel(self, model: GenerativeModel) -> None:
+        world, batch = self.parallel.world_size, self.batch_order.batch_size
+        if not model.supports_data_parallel:
+            raise ParamsError(f"families.{self.family}.train.distributed: {self.family} does not train "
+                              f"data-parallel, but {world} processes were started")
+        if batch % world:
+            raise ParamsError(f"families.{self.family}.train.batch_size: the global batch ({batch}) must be "
+                              f"divisible by the {world} data-parallel processes")
+
     def _fingerprint(self) -> str:
-        """What a resumable state must match: family, configs, seed, data."""
-        blob = json.dumps({
+        """What a resumable state must match: family, configs, seed, data, device, precision, processes."""
+        blob = {
             "family": self.family, "model": config_to_dict(self.model.config),
-            "train": self.train_config.model_dump(), "seed": self.config.seed, "data": self.data.checksum,
-            "device": self.device.type, "precision": self.precision.name,
-        }, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+            "train": self.train_config.model_dump(exclude={"distributed"}), "seed": self.config.seed,
+            "data": self.data.checksum, "device": self.device.type, "precision": self.precision.name,
+        }
+        if self.parallel.active:  # the random draws depend on the number of processes
+            blob["processes"] = self.parallel.world_size
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
     # --- resumable state -------------------------------------------------------------
     def save_state(self) -> None:
@@ -187,9 +218,13 @@ class Trainer:
         """Train from ``self.step`` up to step ``until`` (default: ``train.steps``)."""
         total = self.train_config.steps if until is None else until
         self.model.train()
+        step_options = {} if self.loss_fn is None else {"loss_fn": self.loss_fn}
         self._window, self._window_start = [], time.perf_counter()
         while self.step < total:
-            terms = self.model.training_step(self.next_batch(), self.optimizers, self.precision, self.settings)
+            if self.parallel.active:
+                torch.manual_seed(self.parallel.step_seed(self.config.seed, self.step))
+            terms = self.model.training_step(self.next_batch(), self.optimizers, self.precision, self.settings,
+                                             **step_options)
             # Per-step additions (an EMA update, a learning-rate scheduler step) belong here: device-side
             # work only, no value read back to the host.
             self._window.append(terms)
@@ -198,11 +233,14 @@ class Trainer:
                 self._close_window(total)
 
     def next_batch(self) -> torch.Tensor:
-        """The training batch of ``self.step``, on the device."""
-        batch = self.train_examples[self.batch_order(self.step)]
+        """This process's share of the training batch of ``self.step``, on the device."""
+        batch = self.train_examples[self.batch_order(self.step)]  # the global batch
         if self.data.binarize:  # seeded by the step, like the batch order: resuming sees the same pixels
             noise = torch.Generator(device=self.device).manual_seed(self.config.seed * 1_000_003 + self.step + 7)
             batch = data.binarize(batch, noise)
+        batch = self.parallel.shard(batch)
+        if self.channels_last and batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
     def _window_ends(self, total: int) -> bool:
@@ -218,12 +256,12 @@ class Trainer:
         if self.step % cfg.log_every == 0 or self.step == total:
             rate = steps * self.batch_order.batch_size / max(elapsed, 1e-9)
             self.curve.append({"step": self.step, **values, "samples_per_s": round(rate, 1)})
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.parallel.is_main:
                 self._validate_and_track_best()
             eta = (cfg.steps - self.step) * self.batch_order.batch_size / max(rate, 1e-9)
             log.info("%s step %d/%d  %s  | %.0f samples/s | ETA %s", self.family, self.step, cfg.steps,
                      "  ".join(f"{k} {v:.4g}" for k, v in values.items()), rate, format_duration(eta))
-        if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+        if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps and self.parallel.is_main:
             self.save_state()  # only ever after a finite window: the saved state is a good one
         self._window, self._window_start = [], time.perf_counter()
 
@@ -234,7 +272,7 @@ class Trainer:
         """
         names = list(self._window[-1])
         values = torch.stack([torch.stack([terms[name].float() for name in names]) for terms in self._window])
-        values = values.cpu()  # (steps, terms)
+        values = self.parallel.mean(values).cpu()  # (steps, terms), averaged over the processes
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
             row, column = bad[0].tolist()
@@ -285,6 +323,21 @@ class Trainer:
         return float(total) / max(count, 1)
 
 
+def channels_last_on(setting: bool | str, device: torch.device, modality: str) -> bool:
+    """``performance.channels_last`` resolved: auto means image families on CUDA."""
+    return device.type == "cuda" and modality == "image" if setting == "auto" else bool(setting)
+
+
+def compile_networks(model: torch.nn.Module, mode: str) -> None:
+    """``torch.compile`` (in place) every network of ``model``: its direct children, and the members of
+    its module lists. Works for every family, including those that own their training step."""
+    for child in model.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            compile_networks(child, mode)
+        else:
+            child.compile(mode=mode)
+
+
 def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
     """(N, C, H, W) uint8 images tiled into one (C, H', W') image, ``nrow`` per row, white gaps.
 
@@ -327,15 +380,18 @@ def write_curve(curve: list[dict[str, float]], path: Path) -> None:
     path.write_text(buffer.getvalue())
 
 
-def train_family(config: PipelineConfig, family: str) -> Path:
-    """Train ``family`` and write ``models/<family>/``; returns that folder. Setup, fit, save."""
+def train_family(config: PipelineConfig, family: str) -> Path | None:
+    """Train ``family`` and write ``models/<family>/``; returns that folder (None on a data-parallel
+    process other than the main one, which writes nothing). Setup, fit, save."""
     clock = StepClock(f"train {family}")
-    trainer = Trainer(config, family)
-    log.info("%s: %d parameters on %s (%s), %d training examples", family, count_parameters(trainer.model),
-             device_name(trainer.device), trainer.precision.name, trainer.data.train.shape[0])
-    trainer.try_resume()
-    trainer.fit()
-    return save_outputs(trainer, clock)
+    with distributed.process_group(resolve_device(config.device)) as parallel:
+        trainer = Trainer(config, family, parallel=parallel)
+        log.info("%s: %d parameters on %s (%s), %d training examples%s", family, count_parameters(trainer.model),
+                 device_name(trainer.device), trainer.precision.name, trainer.data.train.shape[0],
+                 f", data-parallel on {parallel.world_size} processes" if parallel.active else "")
+        trainer.try_resume()
+        trainer.fit()
+        return save_outputs(trainer, clock) if parallel.is_main else None
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -362,6 +418,7 @@ def save_outputs(trainer: Trainer, clock: StepClock) -> Path:
         atomic_write_json(tmp / "summary.json", {
             **clock.record(), "family": family, "device": device_name(trainer.device),
             "precision": trainer.precision.name, "steps": train_config.steps,
+            "processes": trainer.parallel.world_size,
             "train_seconds": round(trainer.train_seconds, 3),
             "train_samples_per_s": round(examples / max(trainer.train_seconds, 1e-9), 1),
             "final_train_loss": trainer.curve[-1]["loss"] if trainer.curve else None,
