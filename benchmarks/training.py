@@ -11,6 +11,7 @@ objective is one loss call their own ``loss``: the comparison is the loop around
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -33,7 +34,7 @@ from genai_models.registry import REGISTRY
 from genai_models.vae import kl_to_standard_normal
 from genai_models.wgan_gp import gradient_penalty
 from tasks.config import load_params
-from tasks.train import Trainer, TrainingData, _settings
+from tasks.train import Trainer, TrainingData
 
 ITEM_TRAIN, ITEM_MFU, ITEM_GEN = "1. training throughput", "1. MFU", "5. generation"
 IMAGE_SPEC = ImageSpec(1, 28, 28)                                     # MNIST-5k
@@ -59,50 +60,67 @@ def synthetic_data(modality: str, seed: int = 0) -> torch.Tensor:
 
 
 # --- the plain loops: the family's modules and loss math, a plain optimizer step -------------
-def _plain_vae(model) -> Callable[[torch.Tensor], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+# Written the fast way on a GPU too: ``amp`` is the autocast context of the run's precision (a
+# no-op on the CPU), noise is drawn on the batch's device, Adam/AdamW are fused on CUDA, and
+# nothing is read back to the host.
+AmpContext = Callable[[], contextlib.AbstractContextManager]
+
+
+def _fused(parameters) -> dict:
+    return {"fused": True} if all(p.is_cuda for p in parameters) else {}
+
+
+def _plain_vae(model, amp: AmpContext = contextlib.nullcontext) -> Callable[[torch.Tensor], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, **_fused(model.parameters()))
 
     def step(batch: torch.Tensor) -> None:
-        mu, logvar = model.encoder(batch.float() / 127.5 - 1.0).chunk(2, dim=1)
-        logvar = logvar.clamp(-12.0, 8.0)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        out, log_scale = model.decoder_conv(model.decoder_fc(z).view(-1, *model.feature_shape)).chunk(2, dim=1)
-        recon = -discretized_logistic_log_prob(batch.float(), 127.5 + 127.5 * out, log_scale.clamp(-4.0, 5.0))
-        loss = (recon.flatten(1).sum(1) + kl_to_standard_normal(mu, logvar)).mean()
+        with amp():
+            mu, logvar = model.encoder(batch.float() / 127.5 - 1.0).chunk(2, dim=1)
+            logvar = logvar.clamp(-12.0, 8.0)
+            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+            out, log_scale = model.decoder_conv(model.decoder_fc(z).view(-1, *model.feature_shape)).chunk(2, dim=1)
+            recon = -discretized_logistic_log_prob(batch.float(), 127.5 + 127.5 * out.float(),
+                                                   log_scale.float().clamp(-4.0, 5.0))
+            loss = (recon.flatten(1).sum(1) + kl_to_standard_normal(mu.float(), logvar.float())).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return step
 
 
-def _plain_dcgan(model) -> Callable[[torch.Tensor], None]:
-    d_opt = torch.optim.Adam(model.discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    g_opt = torch.optim.Adam(model.generator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+def _plain_dcgan(model, amp: AmpContext = contextlib.nullcontext) -> Callable[[torch.Tensor], None]:
+    d_opt = torch.optim.Adam(model.discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999),
+                             **_fused(model.discriminator.parameters()))
+    g_opt = torch.optim.Adam(model.generator.parameters(), lr=2e-4, betas=(0.5, 0.999),
+                             **_fused(model.generator.parameters()))
     bce = F.binary_cross_entropy_with_logits
 
     def step(batch: torch.Tensor) -> None:
         real = images_to_unit(batch)
-        fake = model.generator(torch.randn(batch.shape[0], model.config.latent_dim))
-        real_logits, fake_logits = model.discriminator(real), model.discriminator(fake.detach())
-        d_loss = bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits))
+        with amp():
+            fake = model.generator(torch.randn(batch.shape[0], model.config.latent_dim, device=batch.device))
+            real_logits, fake_logits = model.discriminator(real), model.discriminator(fake.detach())
+            d_loss = bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits))
         d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         d_opt.step()
-        logits = model.discriminator(fake)
-        g_loss = bce(logits, torch.ones_like(logits))
+        with amp():
+            logits = model.discriminator(fake)
+            g_loss = bce(logits, torch.ones_like(logits))
         g_opt.zero_grad(set_to_none=True)
         g_loss.backward()
         g_opt.step()
     return step
 
 
-def _plain_transformer_lm(model) -> Callable[[torch.Tensor], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+def _plain_transformer_lm(model, amp: AmpContext = contextlib.nullcontext) -> Callable[[torch.Tensor], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, **_fused(model.parameters()))
     pad = model.spec.pad_id
 
     def step(batch: torch.Tensor) -> None:
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], ignore_index=pad)
+        with amp():
+            logits = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], ignore_index=pad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -112,13 +130,17 @@ def _plain_transformer_lm(model) -> Callable[[torch.Tensor], None]:
 
 def _plain_density(grad_clip: float | None) -> Callable:
     """Likelihood families trained on one loss (pixelcnn, realnvp, ddpm, gmm): their loss math, one AdamW."""
-    def make(model) -> Callable[[torch.Tensor], None]:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    def make(model, amp: AmpContext = contextlib.nullcontext) -> Callable[[torch.Tensor], None]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, **_fused(model.parameters()))
+        started = [not hasattr(model, "initialized")]  # gmm: data-dependent start, once (a host flag, no sync)
 
         def step(batch: torch.Tensor) -> None:
-            if hasattr(model, "initialized") and not model.initialized:  # gmm: data-dependent start
-                model.initialize_from(batch)
-            loss = model.loss(batch)["loss"]
+            if not started[0]:
+                if not model.initialized:
+                    model.initialize_from(batch)
+                started[0] = True
+            with amp():
+                loss = model.loss(batch)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
@@ -128,24 +150,27 @@ def _plain_density(grad_clip: float | None) -> Callable:
     return make
 
 
-def _plain_wgan_gp(model) -> Callable[[torch.Tensor], None]:
-    critic_opt = torch.optim.Adam(model.critic.parameters(), lr=1e-4, betas=(0.0, 0.9))
-    gen_opt = torch.optim.Adam(model.generator.parameters(), lr=1e-4, betas=(0.0, 0.9))
+def _plain_wgan_gp(model, amp: AmpContext = contextlib.nullcontext) -> Callable[[torch.Tensor], None]:
+    critic_opt = torch.optim.Adam(model.critic.parameters(), lr=1e-4, betas=(0.0, 0.9),
+                                  **_fused(model.critic.parameters()))
+    gen_opt = torch.optim.Adam(model.generator.parameters(), lr=1e-4, betas=(0.0, 0.9),
+                               **_fused(model.generator.parameters()))
     latent, n_critic, weight, count = model.config.latent_dim, model.config.n_critic, \
         model.config.gradient_penalty_weight, [0]
 
     def step(batch: torch.Tensor) -> None:
         real = images_to_unit(batch)
-        with torch.no_grad():
-            fake = model.generator(torch.randn(batch.shape[0], latent))
-        mix = torch.rand(real.shape[0], 1, 1, 1)
-        critic_loss = model.critic(fake).mean() - model.critic(real).mean() \
-            + weight * gradient_penalty(model.critic, real, fake, mix)
+        with torch.no_grad(), amp():
+            fake = model.generator(torch.randn(batch.shape[0], latent, device=batch.device))
+        mix = torch.rand(real.shape[0], 1, 1, 1, device=batch.device)
+        critic_loss = model.critic(fake.float()).mean() - model.critic(real).mean() \
+            + weight * gradient_penalty(model.critic, real, fake.float(), mix)
         critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         critic_opt.step()
         if count[0] % n_critic == 0:
-            gen_loss = -model.critic(model.generator(torch.randn(batch.shape[0], latent))).mean()
+            with amp():
+                gen_loss = -model.critic(model.generator(torch.randn(batch.shape[0], latent, device=batch.device))).mean()
             gen_opt.zero_grad(set_to_none=True)
             gen_loss.backward()
             gen_opt.step()
@@ -162,16 +187,16 @@ PLAIN_LOOPS = {
 
 
 class PlainLoop:
-    """A minimal loop: one seeded permutation per epoch, slice, step."""
+    """A minimal loop: one seeded permutation per epoch, slice, step (all on the data's device)."""
 
-    def __init__(self, model, train: torch.Tensor, batch_size: int) -> None:
-        self.step_fn, self.train, self.batch_size = PLAIN_LOOPS[model_name(model)](model), train, batch_size
-        self.order, self.position = torch.randperm(train.shape[0]), 0
+    def __init__(self, model, train: torch.Tensor, batch_size: int, amp: AmpContext = contextlib.nullcontext) -> None:
+        self.step_fn, self.train, self.batch_size = PLAIN_LOOPS[model_name(model)](model, amp), train, batch_size
+        self.order, self.position = torch.randperm(train.shape[0], device=train.device), 0
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
             if self.position + self.batch_size > self.train.shape[0]:
-                self.order, self.position = torch.randperm(self.train.shape[0]), 0
+                self.order, self.position = torch.randperm(self.train.shape[0], device=self.train.device), 0
             self.step_fn(self.train[self.order[self.position:self.position + self.batch_size]])
             self.position += self.batch_size
 
