@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import platform
@@ -40,27 +41,6 @@ def deterministic_on(setting: bool | str, device: torch.device) -> bool:
     return device.type != "cuda" if setting == "auto" else bool(setting)
 
 
-def project_version() -> str:
-    """This project's version: from the installed package, else from pyproject.toml beside the code.
-
-    A checkout used without ``pip install -e .`` has no package metadata; that must not fail a step.
-    """
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("genai-pipeline")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    import tomllib
-    from pathlib import Path
-
-    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    try:
-        return str(tomllib.loads(pyproject.read_text())["project"]["version"]) + " (not installed)"
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        return "unknown (not installed)"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
@@ -91,3 +71,11 @@ def format_duration(seconds: float) -> str:
     minutes, sec = divmod(seconds, 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+
+def package_version(package: str) -> str:
+    """The installed version of ``package``, or "not installed" (e.g. this project run from a plain checkout)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

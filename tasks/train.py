@@ -11,13 +11,11 @@ import hashlib
 import io
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from genai_models.base import DataSpec, GenerativeModel, Precision, TrainSettings, config_to_dict
 from genai_models.registry import get_family
@@ -28,7 +26,9 @@ from tasks.checkpoints import (
 from tasks.config import ParamsError, PipelineConfig, TrainConfig
 from tasks.distributed import DataParallel
 from tasks.io import atomic_write_json, replace_directory, sha256_file
+from tasks.quality_curve import QualityCurve
 from tasks.runtime import StepClock, deterministic_on, device_name, format_duration, resolve_device, seed_everything
+from tasks.samples import seed_model_dir, write_samples
 
 log = logging.getLogger(__name__)
 
@@ -113,28 +113,30 @@ class Trainer:
     on its share of every global batch through DDP; only the main process validates and saves.
     """
 
-    def __init__(self, config: PipelineConfig, family: str, data: TrainingData | None = None,
+    def __init__(self, config: PipelineConfig, family: str, seed: int | None = None, data: TrainingData | None = None,
                  state_dir: Path | None = None, parallel: DataParallel = DataParallel()) -> None:
-        """``data``: the prepared data of the family's modality unless given; ``state_dir``: where the
-        resumable state lives (default ``.runs/<family>``); ``parallel``: this process's rank among
-        the data-parallel processes (default: the only one)."""
+        """``seed``: the training seed (default: the first of ``training_seeds``); ``data``: the prepared
+        data of the family's modality unless given; ``state_dir``: where the resumable state lives
+        (default ``.runs/<family>/seed-<seed>``); ``parallel``: this process's rank among the
+        data-parallel processes (default: the only one)."""
         self.family, self.config, self.parallel = family, config, parallel
+        self.seed = config.training_seeds[0] if seed is None else seed
         self.train_config = config.families[family].train
         self.device = parallel.device(resolve_device(config.device))
         family_spec = get_family(family)
         self.data = data if data is not None else load_training_data(family_spec.modality)
         # The training split lives on the device for the whole run: one copy, not one per step.
         self.train_examples = self.data.train.to(self.device)
-        self.batch_order = BatchOrder(self.data.train.shape[0], self.train_config.batch_size, config.seed, self.device)
+        self.batch_order = BatchOrder(self.data.train.shape[0], self.train_config.batch_size, self.seed, self.device)
         self._val_examples: torch.Tensor | None = None
-        seed_everything(config.seed, deterministic_on(config.performance.deterministic, self.device))
+        seed_everything(self.seed, deterministic_on(config.performance.deterministic, self.device))
         self.channels_last = channels_last_on(config.performance.channels_last, self.device, family_spec.modality)
         self.model: GenerativeModel = self._build_model()
         self.settings = _settings(self.train_config)
         self.optimizers = self.model.configure_optimizers(self.settings)
         self.precision = Precision(self.device, config.mixed_precision)
         self.loss_fn = parallel.wrap_loss(self.model)  # DDP across processes; None: the model's own loss
-        self.state_dir = state_dir if state_dir is not None else paths.RUN_STATE / family
+        self.state_dir = state_dir if state_dir is not None else paths.RUN_STATE / family / f"seed-{self.seed}"
         if parallel.is_main:
             recover_interrupted_save(self.state_dir / "state.pt")  # a previous run may have been killed mid-save
         parallel.barrier()
@@ -145,6 +147,10 @@ class Trainer:
         self.best: dict | None = None  # {"step", "val_loss", "weights"} when keep_best
         self._window: list[dict[str, torch.Tensor]] = []  # loss terms of the steps since the last window end
         self._window_start = time.perf_counter()
+        # Image families: a cheap FID / precision / recall of samples at every validation point
+        # (loaded at the first one: it needs the features step's output).
+        self.quality: QualityCurve | None = None
+        self.quality_seconds = 0.0  # time spent measuring it (not training time)
 
     def _build_model(self) -> GenerativeModel:
         """The family's model from the seed, on the device, in the memory layout and compiled as configured."""
@@ -171,7 +177,7 @@ class Trainer:
         """What a resumable state must match: family, configs, seed, data, device, precision, processes."""
         blob = {
             "family": self.family, "model": config_to_dict(self.model.config),
-            "train": self.train_config.model_dump(exclude={"distributed"}), "seed": self.config.seed,
+            "train": self.train_config.model_dump(exclude={"distributed"}), "seed": self.seed,
             "data": self.data.checksum, "device": self.device.type, "precision": self.precision.name,
         }
         if self.parallel.active:  # the random draws depend on the number of processes
@@ -182,7 +188,7 @@ class Trainer:
     def save_state(self) -> None:
         save_torch({
             "fingerprint": self.fingerprint, "step": self.step, "curve": self.curve,
-            "train_seconds": self.train_seconds, "best": self.best,
+            "train_seconds": self.train_seconds, "quality_seconds": self.quality_seconds, "best": self.best,
             "model": self.model.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "scaler": self.precision.scaler.state_dict(),
@@ -211,6 +217,7 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.step, self.curve, self.train_seconds = state["step"], state["curve"], state["train_seconds"]
         self.best = state["best"]
+        self.quality_seconds = state.get("quality_seconds", 0.0)
         log.info("%s: resumed from step %d (%s)", self.family, self.step, path)
 
     # --- the loop --------------------------------------------------------------------
@@ -222,7 +229,7 @@ class Trainer:
         self._window, self._window_start = [], time.perf_counter()
         while self.step < total:
             if self.parallel.active:
-                torch.manual_seed(self.parallel.step_seed(self.config.seed, self.step))
+                torch.manual_seed(self.parallel.step_seed(self.seed, self.step))
             terms = self.model.training_step(self.next_batch(), self.optimizers, self.precision, self.settings,
                                              **step_options)
             # Per-step additions (an EMA update, a learning-rate scheduler step) belong here: device-side
@@ -236,7 +243,7 @@ class Trainer:
         """This process's share of the training batch of ``self.step``, on the device."""
         batch = self.train_examples[self.batch_order(self.step)]  # the global batch
         if self.data.binarize:  # seeded by the step, like the batch order: resuming sees the same pixels
-            noise = torch.Generator(device=self.device).manual_seed(self.config.seed * 1_000_003 + self.step + 7)
+            noise = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.step + 7)
             batch = data.binarize(batch, noise)
         batch = self.parallel.shard(batch)
         if self.channels_last and batch.dim() == 4:
@@ -255,7 +262,8 @@ class Trainer:
         self.train_seconds += elapsed
         if self.step % cfg.log_every == 0 or self.step == total:
             rate = steps * self.batch_order.batch_size / max(elapsed, 1e-9)
-            self.curve.append({"step": self.step, **values, "samples_per_s": round(rate, 1)})
+            self.curve.append({"step": self.step, **values, "samples_per_s": round(rate, 1),
+                               "train_seconds": round(self.train_seconds, 3)})
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.parallel.is_main:
                 self._validate_and_track_best()
             eta = (cfg.steps - self.step) * self.batch_order.batch_size / max(rate, 1e-9)
@@ -284,11 +292,20 @@ class Trainer:
         return dict(zip(names, values[-1].tolist()))
 
     def _validate_and_track_best(self) -> None:
-        """The validation hook, run every ``eval_every`` steps: validation loss into the curve's last row;
-        with keep_best, remember the best weights so far."""
+        """The validation hook, run every ``eval_every`` steps (on the main process): validation loss
+        (and image families' sample quality) into the curve's last row; with keep_best, remember the
+        best weights so far."""
         val_loss = self.validation_loss()
         self.curve[-1]["val_loss"] = round(val_loss, 6)
         log.info("%s step %d  validation loss %.4g", self.family, self.step, val_loss)
+        if self.model.modality == "image":
+            started = time.perf_counter()
+            self.quality = self.quality or QualityCurve(self.config, self.device)
+            quality = self.quality.measure(self.model)
+            self.quality_seconds += time.perf_counter() - started
+            self.curve[-1].update({name: round(value, 6) for name, value in quality.items()})
+            log.info("%s step %d  %s", self.family, self.step,
+                     "  ".join(f"{name} {value:.4g}" for name, value in quality.items()))
         if self.train_config.keep_best and (self.best is None or val_loss < self.best["val_loss"]):
             weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             self.best = {"step": self.step, "val_loss": val_loss, "weights": weights}
@@ -315,7 +332,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.config.seed)
+            torch.manual_seed(self.seed)
             for start in range(0, count, batch_size):
                 batch = self._val_examples[start:start + batch_size]
                 total += self.model.loss(batch)["loss"].double() * batch.shape[0]
@@ -338,39 +355,6 @@ def compile_networks(model: torch.nn.Module, mode: str) -> None:
             child.compile(mode=mode)
 
 
-def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
-    """(N, C, H, W) uint8 images tiled into one (C, H', W') image, ``nrow`` per row, white gaps.
-
-    Written here rather than imported from torchvision: importing torchvision costs every
-    train and evaluate process about 1.5 s on a 2-core CPU.
-    """
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value,
-                      dtype=images.dtype)
-    for i, image in enumerate(images):
-        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
-        grid[:, top:top + h, left:left + w] = image
-    return grid
-
-
-def write_samples(model: GenerativeModel, num_samples: int, seed: int, out_dir: Path) -> Path:
-    """A PNG grid (images) or a text file of sentences (text) drawn with a fixed seed."""
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    samples = model.sample(num_samples, generator).cpu()
-    if model.modality == "image":
-        grid = image_grid(samples, nrow=int(math.ceil(math.sqrt(num_samples))))
-        buffer = io.BytesIO()
-        Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format="PNG")
-        path = out_dir / "samples.png"
-        path.write_bytes(buffer.getvalue())
-    else:
-        vocab = data.load_vocab(paths.TEXT_DATA)
-        path = out_dir / "samples.txt"
-        path.write_text("".join(" ".join(vocab.decode(row.tolist())) + "\n" for row in samples))
-    return path
-
-
 def write_curve(curve: list[dict[str, float]], path: Path) -> None:
     columns = list(dict.fromkeys(key for row in curve for key in row))
     buffer = io.StringIO()
@@ -380,52 +364,73 @@ def write_curve(curve: list[dict[str, float]], path: Path) -> None:
     path.write_text(buffer.getvalue())
 
 
+def write_model_outputs(trainer: Trainer, out: Path, val_loss: float, clock: StepClock) -> None:
+    """One trained model's folder: checkpoint, loss/quality curve, samples, config and summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, family = trainer.train_config, trainer.family
+    save_torch(model_checkpoint(trainer.model, family), out / "model.pt")
+    write_curve(trainer.curve, out / "loss.csv")
+    write_samples(trainer.model, cfg.num_samples, trainer.seed, out)
+    atomic_write_json(out / "config.json", {
+        "family": family, "seed": trainer.seed, "model": config_to_dict(trainer.model.config),
+        "train": cfg.model_dump(), "data_checksum": trainer.data.checksum,
+    })
+    examples = cfg.steps * min(cfg.batch_size, trainer.data.train.shape[0])
+    atomic_write_json(out / "summary.json", {
+        **clock.record(), "family": family, "seed": trainer.seed, "device": device_name(trainer.device),
+        "precision": trainer.precision.name, "steps": cfg.steps, "processes": trainer.parallel.world_size,
+        "train_seconds": round(trainer.train_seconds, 3),
+        "train_samples_per_s": round(examples / max(trainer.train_seconds, 1e-9), 1),
+        "final_train_loss": trainer.curve[-1]["loss"] if trainer.curve else None,
+        "val_loss": val_loss, "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "torch": torch.__version__, "best_step": trainer.best["step"] if trainer.best else None,
+        "quality_curve_seconds": round(trainer.quality_seconds, 3),
+    })
+
+
+def fit_seed(config: PipelineConfig, family: str, seed: int, parallel: DataParallel = DataParallel()) -> Trainer:
+    """Set up and fit one training seed of ``family``, resuming where an earlier run stopped."""
+    trainer = Trainer(config, family, seed, parallel=parallel)
+    log.info("%s (seed %d of %s): %d parameters on %s (%s), %d training examples%s", family, seed,
+             config.training_seeds, sum(p.numel() for p in trainer.model.parameters()), device_name(trainer.device),
+             trainer.precision.name, trainer.data.train.shape[0],
+             f", data-parallel on {parallel.world_size} processes" if parallel.active else "")
+    trainer.try_resume()
+    trainer.fit()
+    return trainer
+
+
 def train_family(config: PipelineConfig, family: str) -> Path | None:
-    """Train ``family`` and write ``models/<family>/``; returns that folder (None on a data-parallel
-    process other than the main one, which writes nothing). Setup, fit, save."""
+    """Train ``family`` once per training seed and write ``models/<family>/``; returns that folder.
+
+    The headline (first) seed's model is ``models/<family>/model.pt``, the others'
+    ``models/<family>/seeds/<seed>/model.pt``. The folder is replaced only when every seed is done;
+    until then each finished seed keeps its resumable state, so a failure loses no finished seed.
+    Data-parallel (``train.distributed``, under torchrun): every process fits, only the main one
+    saves; the others return None.
+    """
     clock = StepClock(f"train {family}")
+    seeds = config.training_seeds
     with distributed.process_group(resolve_device(config.device)) as parallel:
-        trainer = Trainer(config, family, parallel=parallel)
-        log.info("%s: %d parameters on %s (%s), %d training examples%s", family, count_parameters(trainer.model),
-                 device_name(trainer.device), trainer.precision.name, trainer.data.train.shape[0],
-                 f", data-parallel on {parallel.world_size} processes" if parallel.active else "")
-        trainer.try_resume()
-        trainer.fit()
-        return save_outputs(trainer, clock) if parallel.is_main else None
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def save_outputs(trainer: Trainer, clock: StepClock) -> Path:
-    """The finished run's ``models/<family>/`` (checkpoint, curve, samples, config, summary), all or nothing;
-    then the resumable state is removed."""
-    family, config, train_config = trainer.family, trainer.config, trainer.train_config
-    trainer.restore_best()
-    val_loss = trainer.validation_loss()
-    log.info("%s: validation loss %.4g", family, val_loss)
-    out = paths.model_dir(family)
-    with replace_directory(out) as tmp:
-        save_torch(model_checkpoint(trainer.model, family), tmp / "model.pt")
-        write_curve(trainer.curve, tmp / "loss.csv")
-        write_samples(trainer.model, train_config.num_samples, config.seed, tmp)
-        atomic_write_json(tmp / "config.json", {
-            "family": family, "seed": config.seed, "model": config_to_dict(trainer.model.config),
-            "train": train_config.model_dump(), "data_checksum": trainer.data.checksum,
-        })
-        examples = train_config.steps * trainer.batch_order.batch_size
-        atomic_write_json(tmp / "summary.json", {
-            **clock.record(), "family": family, "device": device_name(trainer.device),
-            "precision": trainer.precision.name, "steps": train_config.steps,
-            "processes": trainer.parallel.world_size,
-            "train_seconds": round(trainer.train_seconds, 3),
-            "train_samples_per_s": round(examples / max(trainer.train_seconds, 1e-9), 1),
-            "final_train_loss": trainer.curve[-1]["loss"] if trainer.curve else None,
-            "val_loss": val_loss, "parameters": count_parameters(trainer.model), "torch": torch.__version__,
-            "best_step": trainer.best["step"] if trainer.best else None,
-        })
-    # The resumable state is only useful while the run is unfinished.
-    for path in (trainer.state_dir / "state.pt", checksum_path(trainer.state_dir / "state.pt")):
-        path.unlink(missing_ok=True)
+        if not parallel.is_main:
+            for seed in seeds:
+                fit_seed(config, family, seed, parallel)
+            return None
+        out = paths.model_dir(family)
+        finished = []
+        with replace_directory(out) as tmp:
+            for seed in seeds:
+                trainer = fit_seed(config, family, seed, parallel)
+                if len(seeds) > 1:
+                    trainer.save_state()  # finished: a later seed's failure must not cost this one
+                trainer.restore_best()
+                val_loss = trainer.validation_loss()
+                log.info("%s (seed %d): validation loss %.4g", family, seed, val_loss)
+                write_model_outputs(trainer, tmp / seed_model_dir(family, seed, seeds).relative_to(out), val_loss,
+                                    clock)
+                finished.append(trainer)
+    # The resumable states are only useful while the run is unfinished.
+    for trainer in finished:
+        for path in (trainer.state_dir / "state.pt", checksum_path(trainer.state_dir / "state.pt")):
+            path.unlink(missing_ok=True)
     return out

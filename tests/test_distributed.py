@@ -123,7 +123,7 @@ def _shard_reference(params: dict, family: str, state_dir: Path) -> tuple[list[f
     halves of the batch with the seed each process uses, gradients averaged, one optimizer step."""
     trainer = Trainer(parse_params(single_process(params)), family, state_dir=state_dir)
     model, (optimizer,) = trainer.model, trainer.optimizers
-    seed, examples = trainer.config.seed, trainer.train_examples
+    seed, examples = trainer.seed, trainer.train_examples
     half = BATCH // WORLD
     losses = []
     model.train()
@@ -179,7 +179,7 @@ def test_only_the_main_process_writes_outputs_and_checkpoints(ddp_run):
     assert other == [], f"rank 1 wrote {other}"
     for family in FAMILIES:
         assert any(path.endswith(f"models/{family}") for path in main), family
-        assert any(path.endswith(f".runs/{family}/state.pt") for path in main), family
+        assert any(path.endswith(f".runs/{family}/seed-0/state.pt") for path in main), family
         assert f"rank 1 {family}: train_family returned None" in output
         assert f"rank 0 {family}: train_family returned models/{family}" in output
     summary = json.loads((workspace / "models" / "vae" / "summary.json").read_text())

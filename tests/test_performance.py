@@ -1,15 +1,11 @@
-"""Speed settings that must not change what is trained: channels_last, torch.compile, and the
-version lookup that must not need the package installed."""
+"""Speed settings that must not change what is trained: channels_last and torch.compile."""
 
 from __future__ import annotations
-
-import importlib.metadata
 
 import pytest
 import torch
 
 from tasks.config import parse_params
-from tasks.runtime import project_version
 from tasks.train import Trainer, channels_last_on
 from tests.test_train import tiny_params, workspace  # noqa: F401  (the fixture: prepared tiny data)
 
@@ -45,11 +41,3 @@ def test_compiled_networks_train_the_same_model(workspace):  # noqa: F811
     assert hasattr(compiled.model.encoder, "_compiled_call_impl") and compiled.model.encoder._compiled_call_impl
     for a, b in zip(eager.curve, compiled.curve):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
-
-
-def test_the_version_is_found_without_the_package_installed(monkeypatch):
-    def not_installed(name):
-        raise importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(importlib.metadata, "version", not_installed)
-    assert project_version() == "0.1.0 (not installed)"  # pyproject.toml's version, marked
