@@ -23,6 +23,8 @@ def tiny_params(steps: int = 6, checkpoint_every: int = 3) -> dict:
         block["model"] = dict(TINY_CONFIGS[name])
         block["train"].update(steps=steps, batch_size=16, log_every=2, checkpoint_every=checkpoint_every,
                               num_samples=4)
+        if block["train"].get("eval_every"):  # must stay a multiple of log_every (params.yaml has 75, 350, ...)
+            block["train"]["eval_every"] += block["train"]["eval_every"] % 2
     return params
 
 
