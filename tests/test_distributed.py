@@ -156,6 +156,8 @@ def test_data_parallel_training_equals_single_process_training_at_the_same_globa
     else:
         reference_losses, reference_weights = _shard_reference(params, family, tmp_path)
     differences = [_relative(row["loss"], ref) for row, ref in zip(ddp_curve, reference_losses)]
+    weight_gap = max(float((ddp_weights[name] - value.cpu()).abs().max()) for name, value in reference_weights.items())
+    print(f"{family}: max relative loss difference {max(differences):.2e}, max weight difference {weight_gap:.2e}")
     assert max(differences) <= 1e-5, f"{family}: relative loss differences per step {differences}"
     for name, value in reference_weights.items():
         torch.testing.assert_close(ddp_weights[name], value.cpu(), rtol=1e-4, atol=1e-5, msg=f"{family}: {name}")
@@ -204,3 +206,19 @@ def test_families_that_cannot_train_data_parallel_are_refused_naming_the_key():
     params["families"]["vae"]["train"].update(distributed=3, batch_size=16)
     with pytest.raises(ParamsError, match=r"batch_size \(16\) must be divisible by distributed \(3 processes\)"):
         parse_params(params)
+
+
+@pytest.mark.slow
+def test_the_train_step_launches_torchrun_itself_when_distributed_is_set(tmp_path):
+    """``python -m flows.cli train pixelcnn`` (the DVC stage's command) with ``distributed: 2``."""
+    params = ddp_params()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    config = parse_params(params)
+    prepare_images(config.data.images, config.seed, tmp_path / paths.IMAGE_DATA)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "GENAI_"))}
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "train", "pixelcnn"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "data-parallel on 2 processes" in result.stderr
+    assert json.loads((tmp_path / "models" / "pixelcnn" / "summary.json").read_text())["processes"] == 2
