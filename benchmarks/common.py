@@ -80,10 +80,11 @@ def machine_info() -> dict:
     return info
 
 
-def write_results(figures: list[Figure], meta: dict, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
-    """results.json (machine, command, every figure) and results.md (the table); returns both paths."""
+def write_results(figures: list[Figure], meta: dict, out_dir: Path = RESULTS_DIR,
+                  stem: str = "results") -> tuple[Path, Path]:
+    """<stem>.json (machine, command, every figure) and <stem>.md (the table); returns both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     payload = {**meta, "figures": [asdict(f) for f in figures]}
     atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
     atomic_write_text(md_path, markdown(figures, meta))

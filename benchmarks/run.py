@@ -2,6 +2,10 @@
 
 Writes ``benchmarks/results/results.json`` and ``results.md`` and prints the table.
 Names: training (1), metrics (2), pipeline (3 and 4), generation (5).
+
+``python -m benchmarks.run --gpu [--quick]`` measures GPU training instead (6, benchmarks/gpu.py)
+and writes ``benchmarks/results/gpu.json`` and ``gpu.md``; without a CUDA GPU it says so, writes
+nothing and exits with status 2.
 """
 
 from __future__ import annotations
@@ -47,10 +51,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="fewer repeats, and the pipeline on tiny params (minutes instead of ~30 min)")
     parser.add_argument("--only", nargs="+", choices=SUITES, metavar="NAME",
                         help=f"run only these: {', '.join(SUITES)}")
+    parser.add_argument("--gpu", action="store_true",
+                        help="GPU training throughput at the full-size profile (needs a CUDA GPU); "
+                             "writes gpu.json / gpu.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     meta = {"command": command_line(), "quick": args.quick, "machine": machine_info(),
             "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    if args.gpu:
+        return run_gpu(args.quick, meta)
     figures: list[Figure] = []
     for name in args.only or SUITES:
         start = time.perf_counter()
@@ -66,6 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = write_results(figures, meta)
     print("\n" + markdown_table(figures))
     print("Timings on a shared machine are noisy; comparisons are interleaved ratios from the same run.")
+    print(f"wrote {json_path} and {md_path}")
+    return 1 if any(f.status == "FAIL" for f in figures) else 0
+
+
+def run_gpu(quick: bool, meta: dict) -> int:
+    """Item 6 only; exit status 2 (nothing written) without a CUDA GPU, 1 when a target fails."""
+    from benchmarks.gpu import NoGPU, gpu_figures
+
+    try:
+        figures = gpu_figures(quick)
+    except NoGPU as err:
+        print(f"error: {err}: the GPU benchmark measures training on a CUDA GPU and was not run; "
+              "nothing was written (benchmarks/results/gpu.json is unchanged)", file=sys.stderr)
+        return 2
+    meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    json_path, md_path = write_results(figures, meta, stem="gpu")
+    print(markdown_table(figures))
     print(f"wrote {json_path} and {md_path}")
     return 1 if any(f.status == "FAIL" for f in figures) else 0
 

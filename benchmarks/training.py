@@ -3,20 +3,22 @@
 Every family in the registry is measured at its ``params.yaml`` model config and batch
 size, on synthetic data with the default data's shapes (MNIST-5k images 1x28x28; Lee
 news text: 2,893 tokens, sequences of up to 34). Both loops see the same data; "ours"
-is the real ``Trainer.fit`` (batch_indices, ``training_step`` through ``Precision``,
-``float()`` of each loss term, the finite check), "plain" calls the family's network
+is the real ``Trainer.fit`` (batch order, ``training_step`` through ``Precision``, the
+loss terms kept on the device and read back with their finite check once per ``fit`` call), "plain" calls the family's network
 modules and loss math directly with a plain optimizer step (the likelihood families whose
 objective is one loss call their own ``loss``: the comparison is the loop around it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import statistics
+import tempfile
 import time
-from types import SimpleNamespace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -32,7 +34,7 @@ from genai_models.registry import REGISTRY
 from genai_models.vae import kl_to_standard_normal
 from genai_models.wgan_gp import gradient_penalty
 from tasks.config import load_params
-from tasks.train import Trainer, TrainingData, _settings
+from tasks.train import Trainer, TrainingData
 
 ITEM_TRAIN, ITEM_MFU, ITEM_GEN = "1. training throughput", "1. MFU", "5. generation"
 IMAGE_SPEC = ImageSpec(1, 28, 28)                                     # MNIST-5k
@@ -58,50 +60,67 @@ def synthetic_data(modality: str, seed: int = 0) -> torch.Tensor:
 
 
 # --- the plain loops: the family's modules and loss math, a plain optimizer step -------------
-def _plain_vae(model) -> Callable[[torch.Tensor], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+# Written the fast way on a GPU too: ``amp`` is the autocast context of the run's precision (a
+# no-op on the CPU), noise is drawn on the batch's device, Adam/AdamW are fused on CUDA, and
+# nothing is read back to the host.
+AmpContext = Callable[[], contextlib.AbstractContextManager]
+
+
+def _fused(parameters) -> dict:
+    return {"fused": True} if all(p.is_cuda for p in parameters) else {}
+
+
+def _plain_vae(model, amp: AmpContext = contextlib.nullcontext) -> Callable[[torch.Tensor], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, **_fused(model.parameters()))
 
     def step(batch: torch.Tensor) -> None:
-        mu, logvar = model.encoder(batch.float() / 127.5 - 1.0).chunk(2, dim=1)
-        logvar = logvar.clamp(-12.0, 8.0)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        out, log_scale = model.decoder_conv(model.decoder_fc(z).view(-1, *model.feature_shape)).chunk(2, dim=1)
-        recon = -discretized_logistic_log_prob(batch.float(), 127.5 + 127.5 * out, log_scale.clamp(-4.0, 5.0))
-        loss = (recon.flatten(1).sum(1) + kl_to_standard_normal(mu, logvar)).mean()
+        with amp():
+            mu, logvar = model.encoder(batch.float() / 127.5 - 1.0).chunk(2, dim=1)
+            logvar = logvar.clamp(-12.0, 8.0)
+            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+            out, log_scale = model.decoder_conv(model.decoder_fc(z).view(-1, *model.feature_shape)).chunk(2, dim=1)
+            recon = -discretized_logistic_log_prob(batch.float(), 127.5 + 127.5 * out.float(),
+                                                   log_scale.float().clamp(-4.0, 5.0))
+            loss = (recon.flatten(1).sum(1) + kl_to_standard_normal(mu.float(), logvar.float())).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return step
 
 
-def _plain_dcgan(model) -> Callable[[torch.Tensor], None]:
-    d_opt = torch.optim.Adam(model.discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    g_opt = torch.optim.Adam(model.generator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+def _plain_dcgan(model, amp: AmpContext = contextlib.nullcontext) -> Callable[[torch.Tensor], None]:
+    d_opt = torch.optim.Adam(model.discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999),
+                             **_fused(model.discriminator.parameters()))
+    g_opt = torch.optim.Adam(model.generator.parameters(), lr=2e-4, betas=(0.5, 0.999),
+                             **_fused(model.generator.parameters()))
     bce = F.binary_cross_entropy_with_logits
 
     def step(batch: torch.Tensor) -> None:
         real = images_to_unit(batch)
-        fake = model.generator(torch.randn(batch.shape[0], model.config.latent_dim))
-        real_logits, fake_logits = model.discriminator(real), model.discriminator(fake.detach())
-        d_loss = bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits))
+        with amp():
+            fake = model.generator(torch.randn(batch.shape[0], model.config.latent_dim, device=batch.device))
+            real_logits, fake_logits = model.discriminator(real), model.discriminator(fake.detach())
+            d_loss = bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits))
         d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         d_opt.step()
-        logits = model.discriminator(fake)
-        g_loss = bce(logits, torch.ones_like(logits))
+        with amp():
+            logits = model.discriminator(fake)
+            g_loss = bce(logits, torch.ones_like(logits))
         g_opt.zero_grad(set_to_none=True)
         g_loss.backward()
         g_opt.step()
     return step
 
 
-def _plain_transformer_lm(model) -> Callable[[torch.Tensor], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+def _plain_transformer_lm(model, amp: AmpContext = contextlib.nullcontext) -> Callable[[torch.Tensor], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, **_fused(model.parameters()))
     pad = model.spec.pad_id
 
     def step(batch: torch.Tensor) -> None:
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], ignore_index=pad)
+        with amp():
+            logits = model(batch[:, :-1])
+            loss = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], ignore_index=pad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -111,13 +130,17 @@ def _plain_transformer_lm(model) -> Callable[[torch.Tensor], None]:
 
 def _plain_density(grad_clip: float | None) -> Callable:
     """Likelihood families trained on one loss (pixelcnn, realnvp, ddpm, gmm): their loss math, one AdamW."""
-    def make(model) -> Callable[[torch.Tensor], None]:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    def make(model, amp: AmpContext = contextlib.nullcontext) -> Callable[[torch.Tensor], None]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, **_fused(model.parameters()))
+        started = [not hasattr(model, "initialized")]  # gmm: data-dependent start, once (a host flag, no sync)
 
         def step(batch: torch.Tensor) -> None:
-            if hasattr(model, "initialized") and not model.initialized:  # gmm: data-dependent start
-                model.initialize_from(batch)
-            loss = model.loss(batch)["loss"]
+            if not started[0]:
+                if not model.initialized:
+                    model.initialize_from(batch)
+                started[0] = True
+            with amp():
+                loss = model.loss(batch)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
@@ -127,24 +150,27 @@ def _plain_density(grad_clip: float | None) -> Callable:
     return make
 
 
-def _plain_wgan_gp(model) -> Callable[[torch.Tensor], None]:
-    critic_opt = torch.optim.Adam(model.critic.parameters(), lr=1e-4, betas=(0.0, 0.9))
-    gen_opt = torch.optim.Adam(model.generator.parameters(), lr=1e-4, betas=(0.0, 0.9))
+def _plain_wgan_gp(model, amp: AmpContext = contextlib.nullcontext) -> Callable[[torch.Tensor], None]:
+    critic_opt = torch.optim.Adam(model.critic.parameters(), lr=1e-4, betas=(0.0, 0.9),
+                                  **_fused(model.critic.parameters()))
+    gen_opt = torch.optim.Adam(model.generator.parameters(), lr=1e-4, betas=(0.0, 0.9),
+                               **_fused(model.generator.parameters()))
     latent, n_critic, weight, count = model.config.latent_dim, model.config.n_critic, \
         model.config.gradient_penalty_weight, [0]
 
     def step(batch: torch.Tensor) -> None:
         real = images_to_unit(batch)
-        with torch.no_grad():
-            fake = model.generator(torch.randn(batch.shape[0], latent))
-        mix = torch.rand(real.shape[0], 1, 1, 1)
-        critic_loss = model.critic(fake).mean() - model.critic(real).mean() \
-            + weight * gradient_penalty(model.critic, real, fake, mix)
+        with torch.no_grad(), amp():
+            fake = model.generator(torch.randn(batch.shape[0], latent, device=batch.device))
+        mix = torch.rand(real.shape[0], 1, 1, 1, device=batch.device)
+        critic_loss = model.critic(fake.float()).mean() - model.critic(real).mean() \
+            + weight * gradient_penalty(model.critic, real, fake.float(), mix)
         critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         critic_opt.step()
         if count[0] % n_critic == 0:
-            gen_loss = -model.critic(model.generator(torch.randn(batch.shape[0], latent))).mean()
+            with amp():
+                gen_loss = -model.critic(model.generator(torch.randn(batch.shape[0], latent, device=batch.device))).mean()
             gen_opt.zero_grad(set_to_none=True)
             gen_loss.backward()
             gen_opt.step()
@@ -161,16 +187,16 @@ PLAIN_LOOPS = {
 
 
 class PlainLoop:
-    """A minimal loop: one seeded permutation per epoch, slice, step."""
+    """A minimal loop: one seeded permutation per epoch, slice, step (all on the data's device)."""
 
-    def __init__(self, model, train: torch.Tensor, batch_size: int) -> None:
-        self.step_fn, self.train, self.batch_size = PLAIN_LOOPS[model_name(model)](model), train, batch_size
-        self.order, self.position = torch.randperm(train.shape[0]), 0
+    def __init__(self, model, train: torch.Tensor, batch_size: int, amp: AmpContext = contextlib.nullcontext) -> None:
+        self.step_fn, self.train, self.batch_size = PLAIN_LOOPS[model_name(model)](model, amp), train, batch_size
+        self.order, self.position = torch.randperm(train.shape[0], device=train.device), 0
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
             if self.position + self.batch_size > self.train.shape[0]:
-                self.order, self.position = torch.randperm(self.train.shape[0]), 0
+                self.order, self.position = torch.randperm(self.train.shape[0], device=self.train.device), 0
             self.step_fn(self.train[self.order[self.position:self.position + self.batch_size]])
             self.position += self.batch_size
 
@@ -179,30 +205,21 @@ def model_name(model) -> str:
     return next(name for name, fam in REGISTRY.items() if type(model) is fam.model_class)
 
 
-def make_trainer(family: str, model, train: torch.Tensor, config) -> Trainer:
-    """The real ``Trainer`` around an in-memory model and data (no prepared data, no state files).
+def make_trainer(family: str, train: torch.Tensor, spec, config, state_dir: Path) -> Trainer:
+    """The real ``Trainer`` on in-memory data, its resumable state in ``state_dir``.
 
-    Built with ``__new__`` because ``Trainer.__init__`` reads the prepared data from disk; the
-    attributes are the ones ``Trainer.fit`` uses. Validation and checkpoints are switched off.
+    Validation, logging and checkpoints are switched off: ``fit`` reads the loss terms back once,
+    at the end of each ``run_trainer`` call.
     """
-    train_config = config.families[family].train
-    trainer = Trainer.__new__(Trainer)
-    trainer.family, trainer.config, trainer.device = family, config, torch.device("cpu")
-    trainer.train_config = SimpleNamespace(steps=0, batch_size=train_config.batch_size, log_every=10**9,
-                                           eval_every=None, checkpoint_every=10**9, keep_best=False)
-    trainer.data = TrainingData(train, train[:1], model.spec, "synthetic")
-    trainer.model = model
-    trainer.settings = _settings(train_config)
-    trainer.optimizers = model.configure_optimizers(trainer.settings)
-    from genai_models.base import Precision
-    trainer.precision = Precision(trainer.device, config.mixed_precision)
-    trainer.step, trainer.curve, trainer.train_seconds, trainer.best = 0, [], 0.0, None
-    return trainer
+    train_config = config.families[family].train.model_copy(update={
+        "steps": 10**9, "log_every": 10**9, "checkpoint_every": 10**9, "eval_every": None, "keep_best": False})
+    families = {**config.families, family: config.families[family].model_copy(update={"train": train_config})}
+    config = config.model_copy(update={"families": families})
+    return Trainer(config, family, data=TrainingData(train, train[:1], spec, "synthetic"), state_dir=state_dir)
 
 
 def run_trainer(trainer: Trainer, steps: int) -> None:
-    trainer.train_config.steps = trainer.step + steps
-    trainer.fit()
+    trainer.fit(until=trainer.step + steps)
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> tuple[list[float], str]:
@@ -249,9 +266,10 @@ def step_flops(trainer: Trainer, batch_size: int) -> int:
 
 def training_figures(quick: bool, peak_flops: float, peak_how: str) -> list[Figure]:
     """Item 1 for every registered family: samples/s of ours and plain, their ratio, MFU."""
-    config = load_params("params.yaml")
+    config = load_params("params.yaml").model_copy(update={"device": "cpu"})
     steps, repeats = (5, 9) if quick else (10, 21)
     figures = []
+    state_dir = Path(tempfile.mkdtemp(prefix="bench-train-"))  # never the checkout's own .runs/
     for family_name, family in REGISTRY.items():
         if family_name not in PLAIN_LOOPS or family_name not in config.families:
             why = "no plain loop written in benchmarks/training.py" if family_name not in PLAIN_LOOPS else \
@@ -259,13 +277,11 @@ def training_figures(quick: bool, peak_flops: float, peak_how: str) -> list[Figu
             figures.append(Figure(ITEM_TRAIN, f"{family_name}: ours / plain", "x", None, status="skipped",
                                   how=f"skipped: {why}"))
             continue
-        torch.manual_seed(0)
         spec = IMAGE_SPEC if family.modality == "image" else TEXT_SPEC
-        model = family.build(config.family_model_config(family_name), spec).train()
-        plain_model = copy.deepcopy(model)
         train = synthetic_data(family.modality)
         batch_size = config.families[family_name].train.batch_size
-        trainer, plain = make_trainer(family_name, model, train, config), PlainLoop(plain_model, train, batch_size)
+        trainer = make_trainer(family_name, train, spec, config, state_dir)
+        plain = PlainLoop(copy.deepcopy(trainer.model), train, batch_size)
         run_trainer(trainer, 3)  # warm-up: allocator, first-call dispatch
         plain.run(3)
         ours_s, plain_s = [], []

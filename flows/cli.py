@@ -110,10 +110,10 @@ def run(argv: list[str] | None = None) -> Path | None:
         if args.dry_run:
             log.info("%s: every check passed (dry run: nothing done)", command)
             return None
-        return _do(args.step, config, family, getattr(args, "modality", None))
+        return _do(args.step, config, family, getattr(args, "modality", None), args.params)
 
 
-def _do(step: str, config: PipelineConfig, family: str | None, modality: str | None) -> Path:
+def _do(step: str, config: PipelineConfig, family: str | None, modality: str | None, params: str) -> Path | None:
     # Each step imports only its own module: a stage is a fresh process, and imports are a
     # noticeable share of a short step's wall time.
     if step == "prepare":
@@ -126,8 +126,16 @@ def _do(step: str, config: PipelineConfig, family: str | None, modality: str | N
 
         return features.build_feature_extractor(config)
     if step == "train":
-        from tasks import train
+        from tasks import distributed, paths, train
 
+        processes = config.families[family].train.distributed
+        if processes is not None and distributed.LAUNCHED not in os.environ:  # not yet under torchrun
+            from tasks.runtime import resolve_device
+
+            key = f"families.{family}.train.distributed"
+            count = distributed.processes(processes, resolve_device(config.device), key)
+            distributed.launch(count, ["--params", params, "train", family])
+            return paths.model_dir(family)
         return train.train_family(config, family)
     if step == "evaluate":
         from tasks import evaluate
@@ -177,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     from flows.run_lock import PipelineBusy
     from tasks.checkpoints import CheckpointError
     from tasks.datasets import DataError
+    from tasks.distributed import DistributedError
     from tasks.io import Busy, DiskFullError, InputError, OutputError
     from tasks.train import TrainingDiverged
 
     expected = (ParamsError, DataError, FileNotFoundError, TrainingDiverged, CheckpointError, DiskFullError,
-                InputError, OutputError, Busy, PipelineBusy)
+                InputError, OutputError, Busy, PipelineBusy, DistributedError)
     try:
         output = run(argv)
     except expected as err:

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -98,6 +98,18 @@ class Precision:
         self.scaler.update()
 
 
+def fast_optimizer_options(parameters: Iterable[nn.Parameter]) -> dict[str, Any]:
+    """Keyword arguments for torch's Adam/AdamW that make the update fast where that is available.
+
+    On CUDA: ``fused=True`` (the whole update in a few kernels instead of a few per parameter).
+    Elsewhere: nothing, i.e. torch's default implementation and its exact numerics.
+    """
+    params = list(parameters)
+    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {}
+
+
 class GenerativeModel(nn.Module):
     """Base class of every family.
 
@@ -110,6 +122,10 @@ class GenerativeModel(nn.Module):
     has_likelihood: ClassVar[bool] = False
     # True when ``log_likelihood`` is a lower bound (ELBO / IWAE) rather than exact.
     likelihood_is_bound: ClassVar[bool] = False
+    # Whether the family trains data-parallel (one process per GPU, gradients averaged): it uses the
+    # default ``training_step``, whose ``loss_fn`` the trainer can route through DistributedDataParallel,
+    # and nothing in its step depends on the whole batch at once (no batch norm, no data-dependent start).
+    supports_data_parallel: ClassVar[bool] = True
 
     def __init__(self, config: Any, spec: DataSpec) -> None:
         super().__init__()
@@ -162,21 +178,36 @@ class GenerativeModel(nn.Module):
         return {"_elbo": (1, "-ELBO (k=1)"), "_iwae": (iw_samples, f"IWAE bound, k={iw_samples}")}
 
     # --- training ------------------------------------------------------------------------
+    def loss_weight(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """How much ``batch`` counts in the average that ``loss`` takes, for data-parallel training.
+
+        None (the default): ``loss`` is a mean over the batch's examples, so equal shares of a
+        global batch weigh the same. A family whose loss averages over something else returns
+        that count as a scalar tensor (the LM: its real target tokens), and each process's
+        loss is re-weighted so that averaging gradients gives the global batch's gradient.
+        """
+        return None
+
     def configure_optimizers(self, settings: TrainSettings) -> list[torch.optim.Optimizer]:
         return [
             torch.optim.AdamW(
-                self.parameters(), lr=settings.learning_rate, betas=settings.betas, weight_decay=settings.weight_decay
+                self.parameters(), lr=settings.learning_rate, betas=settings.betas, weight_decay=settings.weight_decay,
+                **fast_optimizer_options(self.parameters()),
             )
         ]
 
     def training_step(
         self, batch: torch.Tensor, optimizers: list[torch.optim.Optimizer], precision: Precision,
-        settings: TrainSettings,
+        settings: TrainSettings, loss_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One optimisation step on ``batch``; returns the detached loss terms."""
+        """One optimisation step on ``batch``; returns the detached loss terms (on the batch's device).
+
+        ``loss_fn`` computes the terms of a batch in place of ``self.loss``: the trainer passes a
+        DistributedDataParallel wrapper of it when training on several processes.
+        """
         (optimizer,) = optimizers
         with precision.autocast():
-            terms = self.loss(batch)
+            terms = (loss_fn or self.loss)(batch)
         precision.backward_and_step(terms["loss"], optimizer, self.parameters(), settings.grad_clip)
         return {name: value.detach().float() for name, value in terms.items()}
 

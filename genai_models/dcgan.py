@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from genai_models.base import (
-    GenerativeModel, ImageSpec, Precision, TrainSettings, check_sizes, images_to_unit, unit_to_images,
+    GenerativeModel, ImageSpec, Precision, TrainSettings, check_sizes, fast_optimizer_options, images_to_unit,
+    unit_to_images,
 )
 
 
@@ -40,6 +41,7 @@ class LatentImageGAN(GenerativeModel):
     """
 
     modality = "image"
+    supports_data_parallel = False  # two players, each with its own step (and batch norm)
 
     def __init__(self, config, spec: ImageSpec, width: int) -> None:
         super().__init__(config, spec)
@@ -98,8 +100,10 @@ class DCGAN(LatentImageGAN):
         betas = (0.5, 0.999)  # as in the DCGAN paper
         d_lr = settings.learning_rate * self.config.discriminator_lr_scale
         return [
-            torch.optim.Adam(self.discriminator.parameters(), lr=d_lr, betas=betas),
-            torch.optim.Adam(self.generator.parameters(), lr=settings.learning_rate, betas=betas),
+            torch.optim.Adam(self.discriminator.parameters(), lr=d_lr, betas=betas,
+                             **fast_optimizer_options(self.discriminator.parameters())),
+            torch.optim.Adam(self.generator.parameters(), lr=settings.learning_rate, betas=betas,
+                             **fast_optimizer_options(self.generator.parameters())),
         ]
 
     def training_step(

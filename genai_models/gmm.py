@@ -36,7 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from genai_models.base import DequantizedDensityModel, ImageSpec, Precision, TrainSettings, check_sizes
+from genai_models.base import (
+    DequantizedDensityModel, ImageSpec, Precision, TrainSettings, check_sizes, fast_optimizer_options,
+)
 
 
 @dataclass
@@ -79,6 +81,8 @@ def mfa_log_density(y: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, 
 
 
 class GMM(DequantizedDensityModel):
+    supports_data_parallel = False  # the data-dependent start would differ between processes
+
     def __init__(self, config: GMMConfig, spec: ImageSpec) -> None:
         super().__init__(config, spec)
         k, d, q = config.num_components, spec.num_dims, config.latent_dim
@@ -87,6 +91,11 @@ class GMM(DequantizedDensityModel):
         self.factors = nn.Parameter(0.01 * torch.randn(k, d, q))
         self.log_std = nn.Parameter(torch.full((k, d), math.log(config.init_std)))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))  # saved: resuming skips it
+        self._initialized_host: bool | None = None  # the buffer's value on the host, read once (not every step)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized_host = None
 
     @torch.no_grad()
     def initialize_from(self, batch: torch.Tensor) -> None:
@@ -109,8 +118,11 @@ class GMM(DequantizedDensityModel):
         settings: TrainSettings,
     ) -> dict[str, torch.Tensor]:
         """The default step, preceded once by the data-dependent initialisation."""
-        if not self.initialized:
+        if self._initialized_host is None:
+            self._initialized_host = bool(self.initialized)
+        if not self._initialized_host:
             self.initialize_from(batch)
+            self._initialized_host = True
         return super().training_step(batch, optimizers, precision, settings)
 
     def configure_optimizers(self, settings: TrainSettings) -> list[torch.optim.Optimizer]:
@@ -119,7 +131,8 @@ class GMM(DequantizedDensityModel):
         return [torch.optim.AdamW(
             [{"params": others},
              {"params": [self.log_std], "lr": settings.learning_rate * self.config.variance_lr_scale}],
-            lr=settings.learning_rate, betas=settings.betas, weight_decay=settings.weight_decay)]
+            lr=settings.learning_rate, betas=settings.betas, weight_decay=settings.weight_decay,
+            **fast_optimizer_options(self.parameters()))]
 
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:

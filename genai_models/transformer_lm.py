@@ -99,6 +99,10 @@ class TransformerLM(GenerativeModel):
         log_probs = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         return log_probs, targets != self.spec.pad_id
 
+    def loss_weight(self, batch: torch.Tensor) -> torch.Tensor:
+        """``loss`` averages over the real (non-pad) target tokens: their count, a scalar."""
+        return (batch[:, 1:] != self.spec.pad_id).sum()
+
     def loss(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mean next-token cross-entropy in nats over the real tokens of the batch."""
         log_probs, mask = self._token_log_probs(batch)

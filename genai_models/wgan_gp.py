@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from genai_models.base import ImageSpec, Precision, TrainSettings, check_sizes, images_to_unit
+from genai_models.base import ImageSpec, Precision, TrainSettings, check_sizes, fast_optimizer_options, images_to_unit
 from genai_models.dcgan import LatentImageGAN
 
 
@@ -67,6 +67,12 @@ class WGANGP(LatentImageGAN):
         )
         # Critic iterations done so far (a buffer: saved with the weights, so resuming keeps the rhythm).
         self.register_buffer("critic_steps", torch.zeros((), dtype=torch.long))
+        # Its value on the host, read once: reading the buffer every step would wait for the GPU each time.
+        self._critic_steps_host: int | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._critic_steps_host = None  # critic_steps may have changed: read it again
 
     def _terms(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
         """Both players' objectives and the critic's parts; real, fake (B, C, H, W) in [-1, 1]."""
@@ -84,8 +90,10 @@ class WGANGP(LatentImageGAN):
     def configure_optimizers(self, settings: TrainSettings) -> list[torch.optim.Optimizer]:
         """Two Adams with the learning rate and betas of params.yaml (the paper: 1e-4, (0.0, 0.9))."""
         return [
-            torch.optim.Adam(self.critic.parameters(), lr=settings.learning_rate, betas=settings.betas),
-            torch.optim.Adam(self.generator.parameters(), lr=settings.learning_rate, betas=settings.betas),
+            torch.optim.Adam(self.critic.parameters(), lr=settings.learning_rate, betas=settings.betas,
+                             **fast_optimizer_options(self.critic.parameters())),
+            torch.optim.Adam(self.generator.parameters(), lr=settings.learning_rate, betas=settings.betas,
+                             **fast_optimizer_options(self.generator.parameters())),
         ]
 
     def training_step(
@@ -100,10 +108,13 @@ class WGANGP(LatentImageGAN):
         # The penalty's double backward runs in fp32: it is a small, precision-sensitive term.
         terms = self._terms(real, fake.float())
         precision.backward_and_step(terms["discriminator"], critic_opt, self.critic.parameters(), settings.grad_clip)
-        if int(self.critic_steps) % self.config.n_critic == 0:
+        if self._critic_steps_host is None:
+            self._critic_steps_host = int(self.critic_steps)
+        if self._critic_steps_host % self.config.n_critic == 0:
             with precision.autocast():
                 generator_loss = -self.critic(self.generator(self._noise(batch.shape[0]))).mean()
             precision.backward_and_step(generator_loss, generator_opt, self.generator.parameters(),
                                         settings.grad_clip)
         self.critic_steps += 1
+        self._critic_steps_host += 1
         return {name: value.detach().float() for name, value in terms.items()}

@@ -107,6 +107,16 @@ class TrainConfig(_Strict):
     num_samples: int = Field(64, gt=0, le=10_000)  # samples written next to the checkpoint
     eval_every: int | None = Field(None, gt=0, le=MAX_STEPS)  # validation loss every N steps (into loss.csv)
     keep_best: bool = False  # end with the weights of the lowest validation loss (needs eval_every)
+    # Data-parallel training (PyTorch DDP, launched with torchrun): the number of processes, or
+    # "all" (one per visible GPU). batch_size stays the global batch, split evenly between them.
+    distributed: int | Literal["all"] | None = None
+
+    @field_validator("distributed")
+    @classmethod
+    def _positive_processes(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and not 1 <= value <= 1024:
+            raise ValueError("must be a number of processes from 1 to 1024, or 'all' (one per GPU), or null")
+        return value
 
     @model_validator(mode="after")
     def _best_needs_eval(self) -> "TrainConfig":
@@ -114,6 +124,9 @@ class TrainConfig(_Strict):
             raise ValueError("keep_best needs eval_every: validation loss is only measured every eval_every steps")
         if self.eval_every and self.eval_every % self.log_every:  # the val loss goes into a logged curve row
             raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of log_every ({self.log_every})")
+        if isinstance(self.distributed, int) and self.batch_size % self.distributed:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by distributed "
+                             f"({self.distributed} processes): it is the global batch, split evenly")
         return self
 
 
@@ -182,10 +195,35 @@ class ReportConfig(_Strict):
         return path
 
 
+class PerformanceConfig(_Strict):
+    """Speed settings of the steps that use torch. They change run time, not what is computed
+    (beyond float rounding, and run-to-run bit-exactness where ``deterministic`` is off)."""
+
+    # Image batches and convolution weights in NHWC memory layout (faster convolutions on GPUs).
+    # auto: on CUDA for image families, never on the CPU.
+    channels_last: bool | Literal["auto"] = "auto"
+    # torch.compile of every network the training step runs. reduce-overhead also captures CUDA
+    # graphs. Compiling costs seconds to minutes at the start: it pays off on long GPU runs.
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    # Deterministic kernels (bit-exact reruns and resumes). auto: on the CPU; on CUDA off, with
+    # cuDNN picking the fastest convolution algorithms.
+    deterministic: bool | Literal["auto"] = "auto"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _false_is_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
+
 class OrchestrationConfig(_Strict):
     # Stages the Prefect flow runs at once. Each stage is a process using all cores, so
     # more than 1 only pays off with spare cores or GPUs.
     max_parallel_stages: int = Field(1, gt=0, le=1024)
+    # GPUs the flow hands out, one to each stage that uses one (features, train, evaluate), pinned
+    # through CUDA_VISIBLE_DEVICES: "all" (every visible GPU) or a list of device indices. A
+    # stage waits while every GPU is taken; CPU-only stages (prepare, report) run beside them.
+    # Ignored when no GPU is visible or device is cpu.
+    gpus: Literal["all"] | list[Annotated[int, Field(ge=0, lt=1024)]] = "all"
     # thread: stages run from threads of the flow's process; dask: from Dask workers.
     task_runner: Literal["thread", "dask"] = "thread"
     # dask only: a scheduler address (tcp://host:8786); null starts a local cluster of
@@ -207,6 +245,16 @@ class OrchestrationConfig(_Strict):
             raise ValueError(f"not a cron expression ({err}); e.g. '0 3 * * *' is every day at 03:00") from None
         return schedule
 
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_indices(cls, gpus: str | list[int]) -> str | list[int]:
+        if isinstance(gpus, list):
+            if not gpus:
+                raise ValueError("name at least one GPU index, or 'all' (for no GPU at all, set device: cpu)")
+            if min(gpus) < 0 or len(set(gpus)) != len(gpus):
+                raise ValueError("GPU indices must be distinct and >= 0")
+        return gpus
+
     @model_validator(mode="after")
     def _address_for_dask(self) -> "OrchestrationConfig":
         if self.dask_address and self.task_runner != "dask":
@@ -221,6 +269,7 @@ class PipelineConfig(_Strict):
     seeds: list[Annotated[int, Field(ge=0, lt=SEED_LIMIT)]] | None = Field(None, min_length=1, max_length=100)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = True  # CUDA only
+    performance: PerformanceConfig = PerformanceConfig()
     data: DataConfig = DataConfig()
     features: FeaturesConfig = FeaturesConfig()
     families: dict[str, FamilyConfig]
@@ -369,6 +418,12 @@ def parse_params(raw: Any, source: str = "params.yaml") -> PipelineConfig:
         except FamilyConfigError as err:
             problems += [(".".join(p for p in (f"families.{name}.model", key) if p), message, value)
                          for key, message, value in err.problems]
+        distributed = config.families[name].train.distributed
+        if distributed is not None and not REGISTRY[name].model_class.supports_data_parallel:
+            able = ", ".join(n for n, f in REGISTRY.items() if f.model_class.supports_data_parallel)
+            problems.append((f"families.{name}.train.distributed",
+                             f"{name} does not train data-parallel (families that do: {able}); set it to null",
+                             distributed))
     if problems:
         raise ParamsError(f"{source}: {_format_problems(problems)}")
     return config

@@ -35,7 +35,7 @@ from tasks.checkpoints import load_model
 from tasks.config import PipelineConfig
 from tasks.feature_space import extractor_description, load_extractor, load_real_reference, load_summary
 from tasks.io import atomic_write_json, replace_directory
-from tasks.runtime import StepClock, device_name, package_version, resolve_device, seed_everything
+from tasks.runtime import StepClock, deterministic_on, device_name, package_version, resolve_device, seed_everything
 from tasks.samples import draw_samples, seed_model_dir, write_samples
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,11 @@ class ImageJudge:
 @torch.no_grad()
 def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.device) -> Measured:
     """Test NLL in nats/image and bits/dim: exact, or the bounds the family names (-ELBO, IWAE, ...),
-    and the headline ``nll_bits_per_dim``: the exact value, else the tightest bound."""
-    test = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "test")[0])
+    and the headline ``nll_bits_per_dim``: the exact value, else the tightest bound.
+
+    The test split is copied to the device once; per-image values stay there until the mean.
+    """
+    test = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "test")[0]).to(device)
     num_dims = model.spec.num_dims
     bounds = ({"": (1, "exact")} if not model.likelihood_is_bound
               else model.likelihood_bounds(config.evaluate.iw_samples))
@@ -107,9 +110,9 @@ def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.devi
         batch_size = max(1, config.evaluate.batch_size // k)
         generator = torch.Generator(device=device).manual_seed(config.seed)
         log_likelihood = torch.cat([
-            model.log_likelihood(test[i:i + batch_size].to(device), importance_samples=k, generator=generator).cpu()
+            model.log_likelihood(test[i:i + batch_size], importance_samples=k, generator=generator)
             for i in range(0, test.shape[0], batch_size)
-        ]).double()
+        ]).double().cpu()
         nats = float(-log_likelihood.mean())
         measured.values[f"nll{suffix}_nats"] = nats
         measured.values[f"bits_per_dim{suffix}"] = nats_to_bits_per_dim(nats, num_dims)
@@ -152,7 +155,7 @@ def evaluate_image_model(model: GenerativeModel, config: PipelineConfig, judge: 
 
 def untrained_ceiling(family: str, model: GenerativeModel, config: PipelineConfig, judge: ImageJudge) -> dict[str, float]:
     """Every sample metric of an untrained model of the same architecture (plain draws)."""
-    seed_everything(config.seed)
+    seed_everything(config.seed, deterministic_on(config.performance.deterministic, judge.device))
     untrained = get_family(family).build(model.config, model.spec).to(judge.device).eval()
     measured = judge.sample_metrics(untrained.plain_sampling() or untrained, config.evaluate.num_image_samples,
                                     config.sample_seed, 0, f"{family} untrained")
@@ -192,8 +195,9 @@ def text_nll(model: GenerativeModel, device: torch.device) -> Measured:
     vocab = data.load_vocab(paths.TEXT_DATA)
     test = data.load_text(paths.TEXT_DATA, "test")
     encoded = data.encode_sentences(test, vocab, model.spec.max_len)
+    on_device = encoded.to(device)  # once; the per-sentence values stay on the device until the sum
     with torch.no_grad():
-        total_nats = float(-torch.cat([model.log_likelihood(encoded[i:i + 256].to(device)).cpu()
+        total_nats = float(-torch.cat([model.log_likelihood(on_device[i:i + 256])
                                        for i in range(0, encoded.shape[0], 256)]).double().sum())
     num_tokens = int((encoded[:, 1:] != model.spec.pad_id).sum())
     how = f"exact; {len(test)} test sentences, {num_tokens} tokens (eos counted, bos not), vocabulary {len(vocab)}"

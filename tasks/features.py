@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from genai_models.base import fast_optimizer_options
 from genai_models.feature_extractor import ClassifierSpec, DigitClassifier, embed_images
 from genai_models.metrics import features_to_stats
 from genai_models.metrics.sample_quality import RealReference, SampleMetrics, memorization_ratio, nearest_distances
@@ -26,29 +27,32 @@ from tasks.checkpoints import save_torch
 from tasks.config import PipelineConfig
 from tasks.feature_space import REFERENCE_TEST, REFERENCE_TRAIN, extractor_description, load_inception
 from tasks.io import atomic_write_json, replace_directory
-from tasks.runtime import StepClock, device_name, resolve_device, seed_everything
+from tasks.runtime import StepClock, deterministic_on, device_name, resolve_device, seed_everything
 from tasks.train import batch_indices
 
 log = logging.getLogger(__name__)
 
 
 def train_classifier(config: PipelineConfig, device: torch.device) -> tuple[DigitClassifier, float]:
-    """Fit the classifier on the real training split; returns it and its test accuracy."""
+    """Fit the classifier on the real training split; returns it and its test accuracy.
+
+    The splits are copied to the device once; the loss is read back only when it is logged.
+    """
     cfg = config.features.classifier
-    train_x, train_y = (torch.from_numpy(a) for a in data.load_images(paths.IMAGE_DATA, "train"))
-    test_x, test_y = (torch.from_numpy(a) for a in data.load_images(paths.IMAGE_DATA, "test"))
-    seed_everything(config.seed)
+    train_x, train_y = (torch.from_numpy(a).to(device) for a in data.load_images(paths.IMAGE_DATA, "train"))
+    test_x, test_y = (torch.from_numpy(a).to(device) for a in data.load_images(paths.IMAGE_DATA, "test"))
+    seed_everything(config.seed, deterministic_on(config.performance.deterministic, device))
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     model = DigitClassifier(data.image_spec(paths.IMAGE_DATA), ClassifierSpec(num_classes, cfg.feature_dim)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, **fast_optimizer_options(model.parameters()))
     binarized = data.is_dynamically_binarized(paths.IMAGE_DATA)  # then it sees images like the test split's
     model.train()
     for step in range(cfg.steps):
-        index = batch_indices(step, train_x.shape[0], cfg.batch_size, config.seed)
+        index = batch_indices(step, train_x.shape[0], cfg.batch_size, config.seed).to(device)
         batch = train_x[index]
         if binarized:
-            batch = data.binarize(batch, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
-        loss = F.cross_entropy(model(batch.to(device)), train_y[index].to(device))
+            batch = data.binarize(batch, torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step))
+        loss = F.cross_entropy(model(batch), train_y[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -56,8 +60,7 @@ def train_classifier(config: PipelineConfig, device: torch.device) -> tuple[Digi
             log.info("feature classifier step %d/%d  loss %.4f", step + 1, cfg.steps, loss.item())
     model.eval()
     with torch.no_grad():
-        predictions = torch.cat([model(test_x[i:i + 1000].to(device)).argmax(1).cpu()
-                                 for i in range(0, test_x.shape[0], 1000)])
+        predictions = torch.cat([model(test_x[i:i + 1000]).argmax(1) for i in range(0, test_x.shape[0], 1000)])
     return model, float((predictions == test_y).float().mean())
 
 

@@ -30,9 +30,16 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed torch; with ``deterministic``, deterministic kernels (bit-exact reruns), else cuDNN autotuning."""
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def deterministic_on(setting: bool | str, device: torch.device) -> bool:
+    """``performance.deterministic`` resolved: auto means on for the CPU, off for CUDA."""
+    return device.type != "cuda" if setting == "auto" else bool(setting)
 
 
 def device_name(device: torch.device) -> str:

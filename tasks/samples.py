@@ -24,9 +24,9 @@ def seed_model_dir(family: str, seed: int, seeds: list[int]) -> Path:
 
 
 def draw_samples(model: GenerativeModel, count: int, batch_size: int, seed: int) -> torch.Tensor:
-    """``count`` samples in batches from one seeded generator, on the CPU."""
+    """``count`` samples in batches from one seeded generator; gathered on the device, returned on the CPU."""
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    return torch.cat([model.sample(min(batch_size, count - i), generator).cpu() for i in range(0, count, batch_size)])
+    return torch.cat([model.sample(min(batch_size, count - i), generator) for i in range(0, count, batch_size)]).cpu()
 
 
 def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:

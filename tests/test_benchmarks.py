@@ -83,3 +83,32 @@ def test_flop_counter_agrees_with_torch_and_follows_a_gradient_penalty():
         (grad,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
         grad.pow(2).sum().backward()
     assert penalty.total > ours.total
+
+
+def test_the_gpu_benchmark_says_there_is_no_gpu_and_writes_nothing(capsys):
+    import torch
+
+    from benchmarks.common import RESULTS_DIR
+    from benchmarks.run import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: python -m benchmarks.run --gpu measures it")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in RESULTS_DIR.iterdir())
+    assert main(["--gpu", "--quick"]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in RESULTS_DIR.iterdir()) == before
+
+
+@pytest.mark.parametrize("family", ["vae", "gmm", "transformer_lm"])
+def test_the_gpu_benchmarks_loops_run_on_the_cpu_at_toy_size(family, tmp_path):
+    """The same measuring code as on a GPU (ours and the fast plain loop, interleaved), at toy size."""
+    from benchmarks.gpu import measure
+    from tasks.config import parse_params
+    from tests.test_train import tiny_params
+
+    params = tiny_params()
+    params["device"] = "cpu"
+    run = measure(family, parse_params(params), batch_size=8, steps=2, repeats=2, state_dir=tmp_path,
+                  num_images=64)
+    assert len(run["ours"]) == len(run["plain"]) == 2 and min(run["ours"] + run["plain"]) > 0
+    assert run["precision"] == "fp32" and run["channels_last"] is False
