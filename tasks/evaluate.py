@@ -47,11 +47,19 @@ def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.devi
     """Test NLL in nats/image and bits/dim: exact, or the bounds the family names (-ELBO, IWAE, ...)."""
     test = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "test")[0])
     num_dims = model.spec.num_dims
-    bounds = ({"": (1, "exact")} if not model.likelihood_is_bound
-              else model.likelihood_bounds(config.evaluate.iw_samples))
-    pixels = ("binarized pixels (0/255; data.images.binarize: dynamic)"
-              if data.is_dynamically_binarized(paths.IMAGE_DATA) else "8-bit discrete pixels")
+    bounds = (model.likelihood_bounds(config.evaluate.iw_samples)
+              if model.likelihood_is_bound or model.likelihood_is_estimate else {"": (1, "exact")})
+    if data.is_dynamically_binarized(paths.IMAGE_DATA):
+        pixels = "binarized pixels (0/255; data.images.binarize: dynamic)"
+    elif model.binary_pixels:
+        pixels = ("8-bit test images binarized by the model (each pixel white with probability level/255, "
+                  f"seed {config.seed}): the NLL of binary images, not of 8-bit ones")
+    else:
+        pixels = "8-bit discrete pixels"
     metrics, how = {}, {}
+    prepared = model.prepare_likelihood(torch.Generator(device=device).manual_seed(config.seed))  # e.g. AIS log Z
+    for name, (value, made) in prepared.items():
+        metrics[name], how[name] = value, made
     for suffix, (k, kind) in bounds.items():
         batch_size = max(1, config.evaluate.batch_size // k)
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -125,8 +133,10 @@ def evaluate_text(model: GenerativeModel, config: PipelineConfig, device: torch.
             for n in BLEU_ORDERS}
     how |= {f"bleu{n}_real": f"{len(real)} real validation sentences instead of samples" for n in BLEU_ORDERS}
     how |= {f"self_bleu{n}_real": f"{len(real)} real validation sentences instead of samples" for n in BLEU_ORDERS}
+    described = f"; {model.describe()}" if model.describe() else ""
     how["nll_per_token"] = how["perplexity"] = (
-        f"exact; {len(test)} test sentences, {num_tokens} tokens (eos counted, bos not), vocabulary {len(vocab)}")
+        f"exact; {len(test)} test sentences, {num_tokens} tokens (eos counted, bos not), vocabulary {len(vocab)}"
+        f"{described}")
     return metrics, how
 
 

@@ -43,6 +43,12 @@ IMAGE_METRICS = {
     "bits_per_dim_elbo": ("-ELBO bits/dim", "lower"),
     "nll_iwae_nats": ("IWAE NLL bound (nats/image)", "lower"),
     "bits_per_dim_iwae": ("IWAE bits/dim", "lower"),
+    # The RBM's AIS estimate: -log P of *binarized* test images (unless the data already are), so a quantity
+    # of its own, never in the 8-bit columns above. Its standard error and log Z are context, not rankings.
+    "nll_ais_nats": ("AIS NLL estimate, binarized images (nats/image)", "lower"),
+    "nll_ais_stderr_nats": ("± s.e. of the AIS NLL (nats/image)", ""),
+    "bits_per_dim_ais": ("AIS bits/dim, binarized images", "lower"),
+    "ais_log_z": ("AIS log Z (nats)", ""),
 }
 TEXT_METRICS = {
     **{f"bleu{n}": (f"BLEU-{n}", "higher") for n in (2, 3, 4)},
@@ -54,6 +60,9 @@ TEXT_METRICS = {
 }
 # Columns that describe the data or the yardsticks rather than a family: never "best".
 REFERENCE_COLUMNS = {"fid_real", "fid_untrained"} | {k for k in TEXT_METRICS if k.endswith("_real")}
+# Columns with no better direction (an estimator's uncertainty, a normalising constant): shown, never ranked.
+CONTEXT_COLUMNS = {name for catalogue in (IMAGE_METRICS, TEXT_METRICS) for name, (_, better) in catalogue.items()
+                   if not better}
 
 
 @dataclass
@@ -145,7 +154,7 @@ def comparison_table(results: list[FamilyResult], catalogue: dict[str, tuple[str
     columns = [name for name in catalogue if any(name in r.metrics for r in results)]
     best = {}
     for name in columns:
-        if name in REFERENCE_COLUMNS:
+        if name in REFERENCE_COLUMNS or name in CONTEXT_COLUMNS:
             continue
         scored = [(r.metrics[name], r.name) for r in results if name in r.metrics]
         if len(scored) > 1:

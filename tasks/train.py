@@ -190,6 +190,15 @@ class Trainer:
             log.info("%s: keeping the weights of step %d (validation loss %.4g)", self.family,
                      self.best["step"], self.best["val_loss"])
 
+    def after_fit(self) -> float:
+        """The model's own fit after the loop (``GenerativeModel.after_fit``) on the whole training split;
+        returns its seconds. Seeded; with dynamic binarization the split is binarized once first."""
+        start = time.perf_counter()
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        train = data.binarize(self.data.train, generator) if self.data.binarize else self.data.train
+        self.model.after_fit(train, generator)
+        return time.perf_counter() - start
+
     def _check_finite(self, values: dict[str, float]) -> None:
         for name, value in values.items():
             if not math.isfinite(value):
@@ -270,6 +279,7 @@ def train_family(config: PipelineConfig, family: str) -> Path:
     trainer.try_resume()
     trainer.fit()
     trainer.restore_best()
+    after_fit_seconds = trainer.after_fit()
     val_loss = trainer.validation_loss()
     log.info("%s: validation loss %.4g", family, val_loss)
     out = paths.model_dir(family)
@@ -285,10 +295,11 @@ def train_family(config: PipelineConfig, family: str) -> Path:
         atomic_write_json(tmp / "summary.json", {
             **clock.record(), "family": family, "device": device_name(trainer.device),
             "precision": trainer.precision.name, "steps": trainer.train_config.steps,
-            "train_seconds": round(trainer.train_seconds, 3),
+            "train_seconds": round(trainer.train_seconds, 3), "after_fit_seconds": round(after_fit_seconds, 3),
             "train_samples_per_s": round(examples / max(trainer.train_seconds, 1e-9), 1),
             "final_train_loss": trainer.curve[-1]["loss"] if trainer.curve else None,
-            "val_loss": val_loss, "parameters": parameters, "torch": torch.__version__,
+            "val_loss": val_loss, "parameters": parameters, "model_summary": trainer.model.describe(),
+            "torch": torch.__version__,
             "best_step": trainer.best["step"] if trainer.best else None,
         })
     # The resumable state is only useful while the run is unfinished.
