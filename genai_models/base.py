@@ -140,6 +140,19 @@ class GenerativeModel(nn.Module):
         """Draw ``num_samples`` samples (uint8 images or token ids) using ``generator``."""
         raise NotImplementedError
 
+    def describe_sampling(self) -> str:
+        """What ``sample`` returns, in words, for the report (e.g. "decoder means of z ~ N(0, I)")."""
+        return "draws from the model"
+
+    def plain_sampling(self) -> "GenerativeModel | None":
+        """This model drawing *plain* samples, when ``sample`` is not plain; else None.
+
+        Plain means a draw from the model's own distribution: not decoder means, not a
+        temperature below 1, no truncation. When ``sample`` does something else, evaluation
+        measures both, and the plain draw is the number that compares across families.
+        """
+        return None
+
     def log_likelihood(self, batch: torch.Tensor, importance_samples: int = 1) -> torch.Tensor:
         """Log-likelihood of each example in nats, shape (B,).
 

@@ -112,13 +112,18 @@ def _sentence_scores(
     return scores
 
 
-def _average(per_sentence: Iterable[list[float]], max_n: int) -> dict[int, float]:
-    """Mean over sentences of each BLEU-n; returns {n: mean} for n = 2..max_n."""
+def _columns(per_sentence: Iterable[list[float]], max_n: int) -> dict[int, list[float]]:
+    """Per-sentence scores regrouped by order: {n: [score of sentence 0, 1, ...]} for n = 2..max_n."""
     columns: list[list[float]] = [[] for _ in range(max_n - 1)]
     for scores in per_sentence:
         for column, score in zip(columns, scores):
             column.append(score)
-    return {n: math.fsum(col) / len(col) for n, col in zip(range(2, max_n + 1), columns)}
+    return dict(zip(range(2, max_n + 1), columns))
+
+
+def _average(columns: dict[int, list[float]]) -> dict[int, float]:
+    """Mean over sentences of each BLEU-n."""
+    return {n: math.fsum(col) / len(col) for n, col in columns.items()}
 
 
 def _max_count_tables(references: list[Tokens], max_n: int) -> list[dict]:
@@ -137,7 +142,16 @@ def bleu(
     references: Sequence[Sequence[str]],
     max_n: int = 4,
 ) -> dict[int, float]:
-    """BLEU-2..BLEU-max_n of hypotheses against a shared reference set (Texygen).
+    """BLEU-2..BLEU-max_n: the mean over hypotheses of ``sentence_bleu_scores``."""
+    return _average(sentence_bleu_scores(hypotheses, references, max_n))
+
+
+def sentence_bleu_scores(
+    hypotheses: Sequence[Sequence[str]],
+    references: Sequence[Sequence[str]],
+    max_n: int = 4,
+) -> dict[int, list[float]]:
+    """Each hypothesis's BLEU-2..BLEU-max_n against a shared reference set (Texygen).
 
     Args:
         hypotheses: H tokenised sentences (each a list of str tokens).
@@ -146,8 +160,8 @@ def bleu(
         max_n: largest n-gram order; scores are returned for n = 2..max_n.
 
     Returns:
-        ``{n: mean over hypotheses of nltk sentence_bleu with weights (1/n,)*n and
-        SmoothingFunction().method1}``.
+        ``{n: [nltk sentence_bleu of each hypothesis with weights (1/n,)*n and
+        SmoothingFunction().method1]}``.
 
     Raises:
         ValueError: on an empty hypothesis or reference list, or max_n < 2.
@@ -167,11 +181,16 @@ def bleu(
         ref_len = _closest_length(ref_lengths, len(tokens), exact_ok=True)
         return _sentence_scores(matches, len(tokens), ref_len, max_n)
 
-    return _average((score(tokens) for tokens in hyps), max_n)
+    return _columns((score(tokens) for tokens in hyps), max_n)
 
 
 def self_bleu(sentences: Sequence[Sequence[str]], max_n: int = 4) -> dict[int, float]:
-    """Self-BLEU-2..max_n: each sentence scored against all the others (Texygen).
+    """Self-BLEU-2..max_n: the mean over sentences of ``sentence_self_bleu_scores``."""
+    return _average(sentence_self_bleu_scores(sentences, max_n))
+
+
+def sentence_self_bleu_scores(sentences: Sequence[Sequence[str]], max_n: int = 4) -> dict[int, list[float]]:
+    """Self-BLEU-2..max_n of each sentence, scored against all the others (Texygen).
 
     Leave-one-out is by index: sentence i is never its own reference, but an
     identical sentence at another index is. Higher means less diverse.
@@ -181,8 +200,8 @@ def self_bleu(sentences: Sequence[Sequence[str]], max_n: int = 4) -> dict[int, f
         max_n: largest n-gram order; scores are returned for n = 2..max_n.
 
     Returns:
-        ``{n: mean over i of bleu-n of sentences[i] against sentences[:i] +
-        sentences[i+1:]}``, with the same per-sentence score as :func:`bleu`.
+        ``{n: [bleu-n of sentences[i] against sentences[:i] + sentences[i+1:] for each i]}``,
+        with the same per-sentence score as :func:`bleu`.
 
     Raises:
         ValueError: on fewer than two sentences, or max_n < 2.
@@ -224,4 +243,16 @@ def self_bleu(sentences: Sequence[Sequence[str]], max_n: int = 4) -> dict[int, f
         ref_len = _closest_length(sorted_lengths, hyp_len, length_counts[hyp_len] > 1)
         return _sentence_scores(matches, hyp_len, ref_len, max_n)
 
-    return _average((score(t, c) for t, c in zip(sents, all_counts)), max_n)
+    return _columns((score(t, c) for t, c in zip(sents, all_counts)), max_n)
+
+
+def distinct_n(sentences: Sequence[Sequence[str]], n: int) -> float:
+    """Distinct-n (Li et al. 2016, arXiv:1510.03055): distinct n-grams / all n-grams over all sentences.
+
+    0 when the sentences hold no n-gram at all. Higher means more varied output.
+    """
+    grams: Counter = Counter()
+    for tokens in _as_token_tuples(sentences, "sentences"):
+        grams.update(zip(*(tokens[i:] for i in range(n))))
+    total = sum(grams.values())
+    return len(grams) / total if total else 0.0
