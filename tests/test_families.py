@@ -10,7 +10,7 @@ import torch
 from genai_models.base import Precision, TrainSettings
 from genai_models.registry import REGISTRY, register
 from tasks.checkpoints import load_model, model_checkpoint, save_torch
-from tests.conftest import TINY_CONFIGS, TINY_IMAGE, TINY_TEXT, tiny_batch, tiny_model
+from tests.conftest import OVERFIT_STEPS, TINY_CONFIGS, TINY_IMAGE, TINY_TEXT, tiny_batch, tiny_model
 
 
 def test_every_family_has_a_tiny_config():
@@ -109,7 +109,7 @@ def test_overfits_one_batch(family_name):
     else:  # an autoencoder without likelihood: its reconstruction objective
         measure = lambda: float(model.loss(batch)["loss"].detach())  # noqa: E731
     start = measure()
-    for _ in range(300):
+    for _ in range(OVERFIT_STEPS.get(family_name, 300)):
         model.training_step(batch, optimizers, precision, settings)
     end = measure()
     assert end < 0.5 * start, f"{family_name}: {start:.3f} -> {end:.3f}"

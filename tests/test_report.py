@@ -108,3 +108,31 @@ def test_headline_likelihood_is_the_exact_nll_or_the_tightest_bound():
     gan = result({"fid": 20.0})
     add_headline_likelihood(gan)
     assert "nll_bits_per_dim" not in gan.metrics
+
+
+def test_ais_estimates_keep_columns_of_their_own_and_rows_name_the_model_size(report_workspace):
+    """The RBM's binarized-image NLL never enters the 8-bit headline column, its error bar and log Z are
+    never ranked, and a family's own description (e.g. the HMM's state count) is shown, escaped."""
+    from tasks.report import IMAGE_METRICS, comparison_table, load_result
+
+    params = report_workspace.model_dump()
+    shipped = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["families"]
+    params["families"] |= {name: shipped[name] for name in ("rbm", "hmm")}
+    _fake_family("rbm", "image", {"fid": 10.0, "fid_real": 5.0, "fid_untrained": 300.0, "nll_ais_nats": 95.0,
+                                  "bits_per_dim_ais": 0.17, "nll_ais_stderr_nats": 0.05, "ais_log_z": 400.0})
+    _fake_family("hmm", "text", {"bleu2": 0.3, "self_bleu2": 0.3, "perplexity": 140.0})
+    for name, summary in (("rbm", "200 hidden units"), ("hmm", "<i>128</i> hidden states")):
+        path = paths.model_dir(name) / "summary.json"
+        atomic_write_json(path, {**json.loads(path.read_text()), "model_summary": summary})
+    vae_metrics = json.loads(paths.metrics_file("vae").read_text())
+    atomic_write_json(paths.metrics_file("vae"), {**vae_metrics, "bits_per_dim_iwae": 1.2, "nll_ais_stderr_nats": 0.01})
+
+    rbm, vae = load_result("rbm"), load_result("vae")
+    assert "nll_bits_per_dim" not in rbm.metrics and "nll_nats" not in rbm.metrics
+    table = comparison_table([vae, rbm], IMAGE_METRICS)
+    assert "nll_ais_stderr_nats" not in table["best"] and "ais_log_z" not in table["best"]
+    assert table["best"]["fid"] == "rbm"
+
+    html = build_report(parse_params(params)).read_text()
+    assert "200 hidden units" in html and "&lt;i&gt;128&lt;/i&gt; hidden states" in html
+    assert "AIS NLL estimate, binarized images" in html
