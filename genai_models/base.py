@@ -55,6 +55,14 @@ class TextSpec:
 DataSpec = ImageSpec | TextSpec
 
 
+@dataclass(frozen=True)
+class PreparedLikelihood:
+    """What ``GenerativeModel.prepare_likelihood`` estimated once for a whole evaluation."""
+
+    stderr_nats: float  # standard error it adds to every example's log-likelihood (e.g. that of log Z_hat)
+    how: str            # how it was made (runs, steps, the estimate itself)
+
+
 @dataclass
 class TrainSettings:
     """What the default optimizer set-up needs to know (built from params by tasks)."""
@@ -172,11 +180,11 @@ class GenerativeModel(nn.Module):
         """
         return {"_elbo": (1, "-ELBO (k=1)"), "_iwae": (iw_samples, f"IWAE bound, k={iw_samples}")}
 
-    def prepare_likelihood(self, generator: torch.Generator) -> dict[str, tuple[float, str]]:
-        """Work ``log_likelihood`` needs once per evaluation, before it is called on test batches
-        (e.g. estimating a partition function). Returns extra metrics: key -> (value, how it was made).
+    def prepare_likelihood(self, generator: torch.Generator) -> "PreparedLikelihood | None":
+        """Work ``log_likelihood`` needs once per evaluation, before it is called on test batches (e.g.
+        estimating a partition function), and the uncertainty it leaves in every log-likelihood.
         The default needs nothing."""
-        return {}
+        return None
 
     # --- training ------------------------------------------------------------------------
     def after_fit(self, train_data: torch.Tensor, generator: torch.Generator) -> None:

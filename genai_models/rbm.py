@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genai_models.base import GenerativeModel, ImageSpec, Precision, TrainSettings
+from genai_models.base import GenerativeModel, ImageSpec, Precision, PreparedLikelihood, TrainSettings
 
 
 @dataclass
@@ -54,7 +54,7 @@ class RBMConfig:
     num_chains: int = 100       # persistent chains (fantasy particles)
     gibbs_steps: int = 500      # block-Gibbs steps of ``sample``
     sample_mean: bool = True    # ``sample`` shows p(v = 1 | h) of the last step; false: the binary draw v
-    weight_average: float = 0.0  # decay of the running average of the weights that replaces them after training; 0 = off
+    weight_average: float = 0.0  # decay of the weights' running average that replaces them after training (0: off)
     ais_runs: int = 100         # independent AIS runs of the log Z estimate
     ais_betas: int = 5000       # intermediate distributions of each AIS run
     init_std: float = 0.01
@@ -255,22 +255,19 @@ class RBM(GenerativeModel):
         return ais_log_partition(*self._params(), self.base_visible_bias, self.config.ais_runs,
                                  self.config.ais_betas, generator)
 
-    def prepare_likelihood(self, generator: torch.Generator) -> dict[str, tuple[float, str]]:
-        """Run AIS once; ``log_likelihood`` uses this estimate until the weights change."""
+    def prepare_likelihood(self, generator: torch.Generator) -> PreparedLikelihood:
+        """Run AIS once; ``log_likelihood`` uses this estimate until the weights change. Its standard error is
+        that of every log-likelihood (the free energy is exact)."""
         estimate = self.estimate_log_partition(generator)
         self._ais = ([p.detach().clone() for p in self._params()], estimate)
-        runs = f"{self.config.ais_runs} AIS runs x {estimate.num_betas} intermediate distributions"
-        return {
-            "ais_log_z": (estimate.log_z, f"log Z_hat (nats), {runs}, base-rate start; effective sample size "
-                                          f"{estimate.effective_sample_size:.1f} of {self.config.ais_runs}"),
-            "nll_ais_stderr_nats": (estimate.stderr, f"standard error of log Z_hat over the {runs} (delta method); "
-                                                     "the uncertainty of the AIS NLL (the free energy is exact)"),
-        }
+        return PreparedLikelihood(estimate.stderr, (
+            f"log Z_hat = {estimate.log_z:.3f} ± {estimate.stderr:.3f} nats (s.e. over {self.config.ais_runs} AIS "
+            f"runs x {estimate.num_betas} intermediate distributions, delta method; base-rate start; effective "
+            f"sample size {estimate.effective_sample_size:.1f} of {self.config.ais_runs})"))
 
     def likelihood_bounds(self, iw_samples: int) -> dict[str, tuple[int, str]]:
-        return {"_ais": (1, "AIS estimate, -log P(v) = F(v) + log Z_hat with log Z_hat from "
-                            f"{self.config.ais_runs} runs x {self.config.ais_betas} steps (neither exact nor a "
-                            "bound; a finite AIS run tends to underestimate log Z, so the NLL tends to be optimistic)")}
+        return {"_ais": (1, "AIS estimate, -log P(v) = F(v) + log Z_hat (neither exact nor a bound; a finite AIS "
+                            "run tends to underestimate log Z, so the NLL tends to be optimistic)")}
 
     def _cached_estimate(self) -> AISEstimate | None:
         if self._ais is None:

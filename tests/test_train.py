@@ -121,7 +121,7 @@ def test_a_diverged_run_keeps_the_last_good_checkpoint_and_the_previous_model(wo
     with pytest.raises(TrainingDiverged, match=r"vae: loss term 'loss' is inf at step 5"):
         train_family(parse_params(changed), "vae")
     assert calls["n"] == 5  # stopped within the step that diverged
-    assert load_torch(paths.RUN_STATE / "vae" / "state.pt")["step"] == 4  # the last good state, verified
+    assert load_torch(paths.RUN_STATE / "vae" / "seed-0" / "state.pt")["step"] == 4  # the last good state, verified
     assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
 
 
@@ -134,13 +134,13 @@ def test_train_family_writes_checkpoint_curve_samples_and_summary(workspace):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == 4 and summary["train_samples_per_s"] > 0 and summary["wall_s"] > 0
         assert (out / "loss.csv").read_text().splitlines()[0].startswith("step,loss")
-        assert not (paths.RUN_STATE / family / "state.pt").exists()
+        assert not list((paths.RUN_STATE / family).rglob("state.pt"))
 
 
 def test_image_grid_tiles_like_torchvision_make_grid():
     from torchvision.utils import make_grid
 
-    from tasks.train import image_grid
+    from tasks.samples import image_grid
 
     for channels, count in ((1, 10), (3, 9)):
         images = torch.randint(0, 256, (count, channels, 7, 5), dtype=torch.uint8)
