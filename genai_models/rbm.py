@@ -26,7 +26,7 @@ it is also the uncertainty of every per-image NLL, whose free energy is exact.
 Training: PCD's persistent chains follow a moving model, and the last weights of a run at a fixed
 learning rate carry that oscillation (the model's mass swings between a few digit classes). With
 ``weight_average`` the running average of the weights replaces them after the loop (``after_fit``);
-on the default data this took the test NLL from about 164 to 134 nats.
+on the default data (PCD-1, 2,000 steps) it took the test NLL from 164 to 134 nats.
 
 Samples: ``gibbs_steps`` of block Gibbs sampling from the base-rate model; the image shown is the
 mean p(v = 1 | h) of the last step (as VAE samples show the decoder mean), or with ``sample_mean: false``
