@@ -145,7 +145,15 @@ def test_binarized_likelihoods_have_a_table_of_their_own_and_rows_name_the_model
     html = build_report(parse_params(params)).read_text()
     binarized = _section(html, "binarized-likelihood")
     assert "rbm" in binarized and "200 hidden units, PCD-5" in binarized and "± 0.1 s.e. over AIS runs" in binarized
+    assert "[0.3, 0.7]" in binarized and "dcgan" not in binarized   # only families that report it
     assert "rbm" not in _section(html, "image-likelihood")
     best_likelihood = re.search(r"<li[^>]*>(Best likelihood \(NLL[^<]*)</li>", _section(html, "verdict")).group(1)
     assert "rbm" not in best_likelihood          # its 0.5 nats would "win" against 8-bit NLLs if it were there
     assert "&lt;i&gt;128&lt;/i&gt; hidden states" in _section(html, "text")
+
+
+def test_a_narrow_interval_around_a_large_value_keeps_its_two_ends_apart():
+    from tasks.report import _interval
+
+    assert _interval(18.0, 22.0) == "[18, 22]"
+    assert _interval(130.339, 130.485) == "[130.3, 130.5]"
