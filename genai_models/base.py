@@ -55,6 +55,14 @@ class TextSpec:
 DataSpec = ImageSpec | TextSpec
 
 
+@dataclass(frozen=True)
+class PreparedLikelihood:
+    """What ``GenerativeModel.prepare_likelihood`` estimated once for a whole evaluation."""
+
+    stderr_nats: float  # standard error it adds to every example's log-likelihood (e.g. that of log Z_hat)
+    how: str            # how it was made (runs, steps, the estimate itself)
+
+
 @dataclass
 class TrainSettings:
     """What the default optimizer set-up needs to know (built from params by tasks)."""
@@ -126,6 +134,12 @@ class GenerativeModel(nn.Module):
     # default ``training_step``, whose ``loss_fn`` the trainer can route through DistributedDataParallel,
     # and nothing in its step depends on the whole batch at once (no batch norm, no data-dependent start).
     supports_data_parallel: ClassVar[bool] = True
+    # True when ``log_likelihood`` is a stochastic estimate (e.g. with an AIS estimate of log Z): neither
+    # exact nor a bound. Evaluation reports it under the keys of ``likelihood_bounds``, never as exact.
+    likelihood_is_estimate: ClassVar[bool] = False
+    # True for a model of black/white pixels: it reads 8-bit levels as Bernoulli probabilities
+    # (level / 255) and its likelihood is that of binarized images.
+    binary_pixels: ClassVar[bool] = False
 
     def __init__(self, config: Any, spec: DataSpec) -> None:
         super().__init__()
@@ -135,6 +149,10 @@ class GenerativeModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def describe(self) -> str:
+        """A few words on the model's size for the report (e.g. "128 hidden states"); "" for none."""
+        return ""
 
     # --- the questions every family answers -------------------------------------------
     def loss(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -169,13 +187,20 @@ class GenerativeModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no likelihood")
 
     def likelihood_bounds(self, iw_samples: int) -> dict[str, tuple[int, str]]:
-        """Bound families: what evaluation reports, as metric suffix -> (importance_samples, how it is made).
+        """Bound and estimate families: what evaluation reports, as metric suffix -> (importance_samples, how
+        it is made).
 
         The default is the pair of a latent-variable model: the ELBO and the importance-weighted
         bound with ``iw_samples`` samples. A family whose bound does not tighten with more samples
         (e.g. a diffusion model's bound, estimated by Monte Carlo) reports only ``_elbo``.
         """
         return {"_elbo": (1, "-ELBO (k=1)"), "_iwae": (iw_samples, f"IWAE bound, k={iw_samples}")}
+
+    def prepare_likelihood(self, generator: torch.Generator) -> "PreparedLikelihood | None":
+        """Work ``log_likelihood`` needs once per evaluation, before it is called on test batches (e.g.
+        estimating a partition function), and the uncertainty it leaves in every log-likelihood.
+        The default needs nothing."""
+        return None
 
     # --- training ------------------------------------------------------------------------
     def loss_weight(self, batch: torch.Tensor) -> torch.Tensor | None:
@@ -187,6 +212,12 @@ class GenerativeModel(nn.Module):
         loss is re-weighted so that averaging gradients gives the global batch's gradient.
         """
         return None
+
+    def after_fit(self, train_data: torch.Tensor, generator: torch.Generator) -> None:
+        """Called once by the training step after the optimisation loop, with the whole training split
+        (uint8 images or token ids, on the CPU) and a seeded generator: for fits that follow training
+        (e.g. a density on latent codes). Whatever it sets must be parameters or buffers, so it is saved
+        with the checkpoint. The default does nothing."""
 
     def configure_optimizers(self, settings: TrainSettings) -> list[torch.optim.Optimizer]:
         return [

@@ -45,7 +45,9 @@ def get_family(name: str) -> Family:
 
 
 # Registration order is the order of the report's tables.
-from genai_models import dcgan, ddpm, gmm, pixelcnn, realnvp, transformer_lm, vae, wgan_gp  # noqa: E402
+from genai_models import (  # noqa: E402
+    ae_gmm, dcgan, ddpm, gmm, hmm, pixelcnn, rbm, realnvp, transformer_lm, vae, wgan_gp,
+)
 
 register("vae", vae.VAEConfig, vae.VAE)
 register("dcgan", dcgan.DCGANConfig, dcgan.DCGAN)
@@ -55,3 +57,6 @@ register("realnvp", realnvp.RealNVPConfig, realnvp.RealNVP)
 register("ddpm", ddpm.DDPMConfig, ddpm.DDPM)
 register("wgan_gp", wgan_gp.WGANGPConfig, wgan_gp.WGANGP)
 register("gmm", gmm.GMMConfig, gmm.GMM)
+register("rbm", rbm.RBMConfig, rbm.RBM)
+register("hmm", hmm.HMMConfig, hmm.HMM)
+register("ae_gmm", ae_gmm.AEGMMConfig, ae_gmm.AEGMM)

@@ -92,19 +92,38 @@ class ImageJudge:
 
 
 @torch.no_grad()
+def likelihood_columns(model: GenerativeModel, iw_samples: int) -> dict[str, tuple[int, str]]:
+    """Metric suffix -> (importance samples, what it is) of an image family's NLL: "" for an exact one,
+    else the bounds or the estimate the family names (-ELBO, IWAE, AIS, ...)."""
+    if model.likelihood_is_bound or model.likelihood_is_estimate:
+        return model.likelihood_bounds(iw_samples)
+    return {"": (1, "exact")}
+
+
+def _pixels(model: GenerativeModel, seed: int) -> str:
+    """Which pixels the test NLL is of."""
+    if data.is_dynamically_binarized(paths.IMAGE_DATA):
+        return "binarized pixels (0/255; data.images.binarize: dynamic)"
+    if model.binary_pixels:
+        return (f"8-bit test images binarized by the model (pixel white with probability level/255, seed {seed}): "
+                "the NLL of binary images, not of 8-bit ones")
+    return "8-bit discrete pixels"
+
+
 def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.device) -> Measured:
-    """Test NLL in nats/image and bits/dim: exact, or the bounds the family names (-ELBO, IWAE, ...),
-    and the headline ``nll_bits_per_dim``: the exact value, else the tightest bound.
+    """Test NLL in nats/image and bits/dim: exact, or the bounds or estimate the family names (-ELBO, IWAE,
+    AIS, ...), and for 8-bit likelihoods the headline ``nll_bits_per_dim``: the exact value, else the tightest
+    bound. An estimate (``likelihood_is_estimate``) carries the standard error of ``prepare_likelihood`` as its
+    spread and a +-1.96 s.e. interval, and never becomes the headline.
 
     The test split is copied to the device once; per-image values stay there until the mean.
     """
     test = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "test")[0]).to(device)
     num_dims = model.spec.num_dims
-    bounds = ({"": (1, "exact")} if not model.likelihood_is_bound
-              else model.likelihood_bounds(config.evaluate.iw_samples))
-    pixels = ("binarized pixels (0/255; data.images.binarize: dynamic)"
-              if data.is_dynamically_binarized(paths.IMAGE_DATA) else "8-bit discrete pixels")
+    bounds = likelihood_columns(model, config.evaluate.iw_samples)
+    pixels = _pixels(model, config.seed)
     measured = Measured()
+    prepared = model.prepare_likelihood(torch.Generator(device=device).manual_seed(config.seed))
     for suffix, (k, kind) in bounds.items():
         started = time.perf_counter()
         batch_size = max(1, config.evaluate.batch_size // k)
@@ -117,8 +136,17 @@ def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.devi
         measured.values[f"nll{suffix}_nats"] = nats
         measured.values[f"bits_per_dim{suffix}"] = nats_to_bits_per_dim(nats, num_dims)
         measured.how[f"nll{suffix}_nats"] = measured.how[f"bits_per_dim{suffix}"] = (
-            f"{kind}; {test.shape[0]} test images, {pixels}, {num_dims} dims")
+            f"{kind}; {test.shape[0]} test images, {pixels}, {num_dims} dims"
+            + (f"; {prepared.how}" if prepared else ""))
+        if prepared:
+            per_dim = nats_to_bits_per_dim(1.0, num_dims)
+            for key, scale in ((f"nll{suffix}_nats", 1.0), (f"bits_per_dim{suffix}", per_dim)):
+                value, spread = measured.values[key], prepared.stderr_nats * scale
+                measured.std[key] = spread
+                measured.intervals[key] = (value - 1.96 * spread, value + 1.96 * spread)
         log.info("test NLL%s: %.2f nats/image (%.1f s)", suffix or " (exact)", nats, time.perf_counter() - started)
+    if model.likelihood_is_estimate:
+        return measured
     name = headline_likelihood(measured.values)
     measured.values["nll_bits_per_dim"] = measured.values[name]
     measured.how["nll_bits_per_dim"] = f"{_BITS_PER_DIM[name]} (the '{name}' column): {measured.how[name]}"

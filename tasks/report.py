@@ -196,27 +196,37 @@ def table(results: list[FamilyResult], metrics: list[Metric], with_floor: bool) 
         if len(tied) + len(rest) > 1:
             for r in tied:
                 marks[(r.name, metric.key)] = "best" if len(tied) == 1 else "tie"
-    rows = [{"name": r.name, "reference": False,
-             "cells": [_cell(r.metrics.get(m.key), marks.get((r.name, m.key), "")) for m in columns]}
+    rows = [{"name": r.name, "reference": False, "summary": r.train.get("model_summary", ""),
+             "cells": [_cell(r.metrics.get(m.key), marks.get((r.name, m.key), ""), m) for m in columns]}
             for r in results]
     if with_floor and any(m.floor for m in columns):
         floors = [next((r.metrics[m.key].floor for r in results if m.key in r.metrics), None) for m in columns]
         rows.append({"name": "real data (floor)", "reference": True,
-                     "cells": [_cell(MetricValue(f) if f is not None else None, "") for f in floors]})
+                     "cells": [_cell(MetricValue(f) if f is not None else None, "", m)
+                               for f, m in zip(floors, columns)]})
     return {"columns": columns, "rows": rows}
+
+
+def _interval(low: float, high: float) -> str:
+    """``[low, high]`` with 3 significant digits, more where 3 would print both ends alike (a narrow interval
+    around a large value, e.g. an AIS NLL of 130.4 +- 0.07)."""
+    digits = 3
+    while f"{low:.{digits}g}" == f"{high:.{digits}g}" and digits < 7:
+        digits += 1
+    return f"[{low:.{digits}g}, {high:.{digits}g}]"
 
 
 def _short(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _cell(value: MetricValue | None, mark: str) -> dict:
+def _cell(value: MetricValue | None, mark: str, metric: Metric) -> dict:
     """A table cell: the value (4 significant digits) and, smaller, its interval, spread and seed spread."""
     if value is None:
         return {"value": "—", "interval": "", "std": "", "seeds": "", "mark": ""}
     return {"value": _fmt(value.value), "mark": mark,
-            "interval": f"[{_short(value.low)}, {_short(value.high)}]" if value.low is not None else "",
-            "std": f"± {_short(value.std)} over subsets" if value.std is not None else "",
+            "interval": _interval(value.low, value.high) if value.low is not None else "",
+            "std": f"± {_short(value.std)} {metric.spread}" if value.std is not None else "",
             "seeds": (f"{value.seed_count} seeds: {_short(value.seed_mean)} ± {_short(value.seed_std)}"
                       if value.seed_count else "")}
 
@@ -388,6 +398,8 @@ def render(config: PipelineConfig, results: list[FamilyResult], wall_s: float) -
         image_table=table(image, metrics_for("image", "samples"), with_floor=True),
         likelihood_table=table([r for r in image if "nll_bits_per_dim" in r.metrics], metrics_for("image", "likelihood"),
                                with_floor=False),
+        binarized_table=table([r for r in image if any(m.key in r.metrics for m in metrics_for("image", "binarized"))],
+                              metrics_for("image", "binarized"), with_floor=False),
         text_table=table(text, metrics_for("text"), with_floor=True), ceilings=ceiling_table(image),
         configured=configured_rows(results), image_charts=image_charts(image, colors),
         text_charts=text_charts(text, colors),

@@ -172,6 +172,7 @@ class Trainer:
         # (loaded at the first one: it needs the features step's output).
         self.quality: QualityCurve | None = None
         self.quality_seconds = 0.0  # time spent measuring it (not training time)
+        self.after_fit_seconds = 0.0  # the model's own fit after the loop (``GenerativeModel.after_fit``)
 
     def _build_model(self) -> GenerativeModel:
         """The family's model from the seed, on the device, in the memory layout and compiled as configured."""
@@ -338,6 +339,15 @@ class Trainer:
             log.info("%s: keeping the weights of step %d (validation loss %.4g)", self.family,
                      self.best["step"], self.best["val_loss"])
 
+    def after_fit(self) -> float:
+        """The model's own fit after the loop (``GenerativeModel.after_fit``) on the whole training split;
+        returns its seconds. Seeded; with dynamic binarization the split is binarized once first."""
+        start = time.perf_counter()
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        train = data.binarize(self.data.train, generator) if self.data.binarize else self.data.train
+        self.model.after_fit(train, generator)
+        return time.perf_counter() - start
+
     @torch.no_grad()
     def validation_loss(self) -> float:
         """Mean ``loss`` over the validation split, in eval mode.
@@ -400,10 +410,11 @@ def write_model_outputs(trainer: Trainer, out: Path, val_loss: float, clock: Ste
     atomic_write_json(out / "summary.json", {
         **clock.record(), "family": family, "seed": trainer.seed, "device": device_name(trainer.device),
         "precision": trainer.precision.name, "steps": cfg.steps, "processes": trainer.parallel.world_size,
-        "train_seconds": round(trainer.train_seconds, 3),
+        "train_seconds": round(trainer.train_seconds, 3), "after_fit_seconds": round(trainer.after_fit_seconds, 3),
         "train_samples_per_s": round(examples / max(trainer.train_seconds, 1e-9), 1),
         "final_train_loss": trainer.curve[-1]["loss"] if trainer.curve else None,
         "val_loss": val_loss, "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "model_summary": trainer.model.describe(),
         "torch": torch.__version__, "best_step": trainer.best["step"] if trainer.best else None,
         "quality_curve_seconds": round(trainer.quality_seconds, 3),
     })
@@ -456,6 +467,7 @@ def _train_family(config: PipelineConfig, family: str) -> Path | None:
             trainer = fit_seed(config, family, seed, parallel)
             trainer.save_state()  # kept until the outputs are in place: a failed write or seed loses no training
             trainer.restore_best()
+            trainer.after_fit_seconds = trainer.after_fit()
             val_loss = trainer.validation_loss()
             log.info("%s (seed %d): validation loss %.4g", family, seed, val_loss)
             finished.append((trainer, val_loss))

@@ -26,7 +26,13 @@ TINY_CONFIGS: dict[str, dict] = {
     "ddpm": {"base_channels": 8, "num_train_timesteps": 100, "sample_steps": 5, "bound_samples": 1},
     "wgan_gp": {"latent_dim": 8, "base_channels": 8, "n_critic": 2},
     "gmm": {"num_components": 4, "latent_dim": 4},
+    "rbm": {"num_hidden": 16, "cd_steps": 10, "num_chains": 16, "gibbs_steps": 20, "ais_runs": 16, "ais_betas": 200},
+    "hmm": {"num_states": 32},
+    "ae_gmm": {"latent_dim": 4, "base_channels": 4, "hidden_dim": 16, "mixture_components": 2},
 }
+# Steps of the overfit-one-batch test where 300 are too few: PCD follows the likelihood gradient only
+# through its persistent chains, which need a small learning rate to keep up (44 -> 17.5 nats in 1,000).
+OVERFIT_STEPS: dict[str, int] = {"rbm": 1000}
 TINY_IMAGE = ImageSpec(channels=1, height=8, width=8)
 TINY_TEXT = TextSpec(vocab_size=20, max_len=10, pad_id=0, bos_id=1, eos_id=2)
 

@@ -118,3 +118,42 @@ def test_a_real_browser_renders_the_page_without_console_errors(report_workspace
     # Every table fits the 1280-px window: nothing at all is drawn in the page's right margin (a table
     # with min-width 1400px put 5.7% non-white pixels there when this test was written).
     assert pixels[:, 1250:].min() == 255
+
+
+def test_binarized_likelihoods_have_a_table_of_their_own_and_rows_name_the_model_size(report_workspace):
+    """The RBM's AIS NLL (of binarized images) never sits among the 8-bit NLLs nor in their verdict; it is
+    shown with its standard error; a family's own description (the HMM's state count) is shown, escaped."""
+    import json
+
+    from tasks import paths
+    from tasks.config import parse_params
+    from tasks.io import atomic_write_json
+    from tests.conftest import REPO_ROOT
+    from tests.fake_run import _family
+
+    params = report_workspace.model_dump()
+    shipped = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["families"]
+    params["families"] |= {name: shipped[name] for name in ("rbm", "hmm")}
+    _family("rbm", "image", {"fid": {"value": 900.0, "low": 880.0, "high": 920.0, "floor": 5.0, "ceiling": 3000.0},
+                             "nll_ais_nats": {"value": 0.5, "low": 0.3, "high": 0.7, "std": 0.1},
+                             "bits_per_dim_ais": {"value": 0.0009, "std": 0.0002}})
+    _family("hmm", "text", {"perplexity": {"value": 140.0}, "nll_per_token": {"value": 4.94}})
+    for name, summary in (("rbm", "200 hidden units, PCD-5"), ("hmm", "<i>128</i> hidden states")):
+        path = paths.model_dir(name) / "summary.json"
+        atomic_write_json(path, {**json.loads(path.read_text()), "model_summary": summary})
+
+    html = build_report(parse_params(params)).read_text()
+    binarized = _section(html, "binarized-likelihood")
+    assert "rbm" in binarized and "200 hidden units, PCD-5" in binarized and "± 0.1 s.e. over AIS runs" in binarized
+    assert "[0.3, 0.7]" in binarized and "dcgan" not in binarized   # only families that report it
+    assert "rbm" not in _section(html, "image-likelihood")
+    best_likelihood = re.search(r"<li[^>]*>(Best likelihood \(NLL[^<]*)</li>", _section(html, "verdict")).group(1)
+    assert "rbm" not in best_likelihood          # its 0.5 nats would "win" against 8-bit NLLs if it were there
+    assert "&lt;i&gt;128&lt;/i&gt; hidden states" in _section(html, "text")
+
+
+def test_a_narrow_interval_around_a_large_value_keeps_its_two_ends_apart():
+    from tasks.report import _interval
+
+    assert _interval(18.0, 22.0) == "[18, 22]"
+    assert _interval(130.339, 130.485) == "[130.3, 130.5]"

@@ -49,7 +49,7 @@ def test_batch_indices_cover_each_epoch_once_and_depend_only_on_the_step():
 
 
 # wgan_gp and gmm keep a host copy of a buffer (critic steps, initialised) that a resume must re-read.
-@pytest.mark.parametrize("family", ["vae", "dcgan", "transformer_lm", "wgan_gp", "gmm"])
+@pytest.mark.parametrize("family", ["vae", "dcgan", "transformer_lm", "wgan_gp", "gmm", "hmm", "rbm"])
 def test_resumed_training_ends_with_the_same_weights(workspace, family, monkeypatch):
     config = parse_params(tiny_params(steps=6, checkpoint_every=3))
     uninterrupted = Trainer(config, family)
@@ -177,3 +177,26 @@ def test_dynamically_binarized_training_sees_fresh_black_and_white_batches(tmp_p
     monkeypatch.setattr(rerun.model, "training_step", lambda batch, *a: (seen_again.append(batch.clone()), original(batch, *a))[1])
     rerun.fit()
     assert all(torch.equal(a, b) for a, b in zip(seen, seen_again))
+
+
+def test_train_family_runs_after_fit_once_and_saves_what_it_fitted(workspace, monkeypatch):
+    """ae_gmm fits its latent mixture after the loop; the mixture is in the saved checkpoint."""
+    from genai_models.ae_gmm import AEGMM
+    from tasks.checkpoints import load_model
+
+    calls = []
+    original = AEGMM.after_fit
+
+    def counted(self, train_data, generator):
+        calls.append((self.training, train_data.shape))
+        return original(self, train_data, generator)
+
+    monkeypatch.setattr(AEGMM, "after_fit", counted)
+    config = parse_params(tiny_params(steps=4, checkpoint_every=2))
+    out = train_family(config, "ae_gmm")
+    assert calls == [(True, (256, 1, 28, 28))]          # once, with the whole (capped) training split
+    model = load_model(out / "model.pt")
+    assert bool(model.mixture_fitted)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after_fit_seconds"] >= 0
+    assert summary["model_summary"] == model.describe() != ""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Better = Literal["lower", "higher", "closer to 1"]
-Group = Literal["samples", "likelihood", "text"]
+Group = Literal["samples", "likelihood", "binarized", "text"]
 
 _SAMPLES_FLOOR = "real training images in place of samples, same count, against the test split"
 _SAMPLES_CEILING = "samples of the same architecture, untrained"
@@ -40,6 +40,7 @@ class Metric:
     interval: bool = False        # a sample-based number: reported with a 95% re-draw interval
     verdict: str | None = None    # the question of the report's summary this metric answers
     bounds: tuple[float | None, float | None] = (None, None)  # the values it can take (intervals are clipped)
+    spread: str = "over subsets"  # what the ± beside a value (``MetricValue.std``) is, where the metric has one
 
     def clip(self, value: float) -> float:
         """``value`` moved into the metric's range (an interval end past a hard limit means the limit)."""
@@ -68,6 +69,10 @@ def _image(key: str, label: str, better: Better, how: str, *, unit: str = "", ve
 
 def _likelihood(key: str, label: str, unit: str, how: str, verdict: str | None = None) -> Metric:
     return Metric(key, label, unit, "lower", "image", "likelihood", how, verdict=verdict)
+
+
+def _binarized(key: str, label: str, unit: str, how: str) -> Metric:
+    return Metric(key, label, unit, "lower", "image", "binarized", how, spread="s.e. over AIS runs")
 
 
 def _text(key: str, label: str, better: Better, how: str, *, unit: str = "", floor: str | None = None,
@@ -110,6 +115,14 @@ METRICS: tuple[Metric, ...] = (
     _likelihood("bits_per_dim_elbo", "−ELBO bits/dim", "bits/dim", "the −ELBO / (C·H·W·ln 2)"),
     _likelihood("nll_iwae_nats", "IWAE bound", "nats/image", "importance-weighted bound"),
     _likelihood("bits_per_dim_iwae", "IWAE bits/dim", "bits/dim", "the IWAE bound / (C·H·W·ln 2)"),
+    # --- black/white image models (rbm): -log P of *binarized* test images, never an 8-bit NLL ----
+    _binarized("nll_ais_nats", "AIS NLL estimate", "nats/binarized image",
+               "F(v) + log Z_hat of the test images binarized once (pixel white with probability level/255); log Z "
+               "by annealed importance sampling (Salakhutdinov & Murray 2008); ± its standard error over AIS runs, "
+               "interval ±1.96 s.e.; neither exact nor a bound (a finite AIS run tends to underestimate log Z)"),
+    _binarized("bits_per_dim_ais", "AIS NLL bits/dim", "bits/binary pixel",
+               "the AIS NLL / (C·H·W·ln 2); a uniform model of black/white pixels scores exactly 1, so it does not "
+               "compare with 8-bit bits/dim"),
     # --- text ----------------------------------------------------------------------------------
     *(_text(f"bleu{n}", f"BLEU-{n}", "higher", _BLEU, floor=_REAL_TEXT,
             verdict="closeness to real text" if n == 4 else None) for n in (2, 3, 4)),
