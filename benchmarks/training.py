@@ -27,8 +27,10 @@ from torch.utils.flop_counter import flop_registry
 
 from benchmarks.common import Figure, timed
 from genai_models.base import ImageSpec, TextSpec, images_to_unit
+from genai_models.ema import ModelEMA
 from genai_models.metrics.likelihood import discretized_logistic_log_prob
 from genai_models.registry import REGISTRY
+from genai_models.schedules import lr_schedulers
 from genai_models.vae import kl_to_standard_normal
 from genai_models.wgan_gp import gradient_penalty
 from tasks.config import load_params
@@ -197,6 +199,10 @@ def make_trainer(family: str, model, train: torch.Tensor, config) -> Trainer:
     from genai_models.base import Precision
     trainer.precision = Precision(trainer.device, config.mixed_precision)
     trainer.step, trainer.curve, trainer.train_seconds, trainer.best = 0, [], 0.0, None
+    # The family's per-step additions (LR schedule, EMA of the weights) as the real run has them.
+    trainer.schedulers = lr_schedulers(trainer.optimizers, train_config.lr_schedule, train_config.warmup_steps,
+                                       train_config.steps)
+    trainer.ema = ModelEMA(model, train_config.ema_decay) if train_config.ema_decay else None
     return trainer
 
 

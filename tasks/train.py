@@ -6,6 +6,7 @@ interface, so it never asks which family it is training.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -20,6 +21,8 @@ import torch
 from PIL import Image
 
 from genai_models.base import DataSpec, GenerativeModel, Precision, TrainSettings, config_to_dict
+from genai_models.ema import ModelEMA
+from genai_models.schedules import lr_schedulers
 from genai_models.registry import get_family
 from tasks import data, paths
 from tasks.checkpoints import (
@@ -90,6 +93,9 @@ class Trainer:
         self.model: GenerativeModel = spec.build(config.family_model_config(family), self.data.spec).to(self.device)
         self.settings = _settings(self.train_config)
         self.optimizers = self.model.configure_optimizers(self.settings)
+        cfg = self.train_config
+        self.schedulers = lr_schedulers(self.optimizers, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.precision = Precision(self.device, config.mixed_precision)
         self.state_dir = paths.RUN_STATE / family
         recover_interrupted_save(self.state_dir / "state.pt")  # a previous run may have been killed mid-save
@@ -115,6 +121,8 @@ class Trainer:
             "train_seconds": self.train_seconds, "best": self.best,
             "model": self.model.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
+            "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.precision.scaler.state_dict(),
             "cpu_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
@@ -135,6 +143,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         for optimizer, saved in zip(self.optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
         self.precision.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["cpu_rng"].cpu())
         if state["cuda_rng"]:
@@ -156,6 +168,7 @@ class Trainer:
                 noise = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step + 7)
                 batch = data.binarize(batch, noise)
             terms = self.model.training_step(batch, self.optimizers, self.precision, self.settings)
+            self._after_step()
             values = {name: float(value) for name, value in terms.items()}
             self._check_finite(values)
             self.step += 1
@@ -174,14 +187,36 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 and self.step < total:
                 self.save_state()
 
+    def _after_step(self) -> None:
+        """Per-step additions after the optimizer steps: the learning-rate schedule, the EMA.
+
+        Both only write on the device (or into Python floats): no value is read back to the host.
+        """
+        for scheduler in self.schedulers:
+            scheduler.step()
+        if self.ema:
+            self.ema.update(self.model)
+
+    def weights_in_use(self) -> contextlib.AbstractContextManager:
+        """Inside the block the model holds the weights that would be saved now (the EMA, when on)."""
+        return self.ema.swapped_in(self.model) if self.ema else contextlib.nullcontext()
+
     def _validate_and_track_best(self) -> None:
-        """Validation loss into the curve; with keep_best, remember the best weights so far."""
-        val_loss = self.validation_loss()
-        self.curve[-1]["val_loss"] = round(val_loss, 6)
-        log.info("%s step %d  validation loss %.4g", self.family, self.step, val_loss)
-        if self.train_config.keep_best and (self.best is None or val_loss < self.best["val_loss"]):
-            weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-            self.best = {"step": self.step, "val_loss": val_loss, "weights": weights}
+        """Validation loss (of the weights in use) into the curve; with keep_best, remember the best so far."""
+        with self.weights_in_use():
+            val_loss = self.validation_loss()
+            self.curve[-1]["val_loss"] = round(val_loss, 6)
+            log.info("%s step %d  validation loss %.4g", self.family, self.step, val_loss)
+            if self.train_config.keep_best and (self.best is None or val_loss < self.best["val_loss"]):
+                weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                self.best = {"step": self.step, "val_loss": val_loss, "weights": weights}
+
+    def finish(self) -> None:
+        """The weights to save: the EMA when on, then (keep_best) the best validated ones."""
+        if self.ema:
+            self.ema.copy_to(self.model)
+            log.info("%s: using the EMA of the weights (decay %g)", self.family, self.ema.decay)
+        self.restore_best()
 
     def restore_best(self) -> None:
         """With keep_best: load the weights of the lowest validation loss seen."""
@@ -269,7 +304,7 @@ def train_family(config: PipelineConfig, family: str) -> Path:
              device_name(trainer.device), trainer.precision.name, trainer.data.train.shape[0])
     trainer.try_resume()
     trainer.fit()
-    trainer.restore_best()
+    trainer.finish()
     val_loss = trainer.validation_loss()
     log.info("%s: validation loss %.4g", family, val_loss)
     out = paths.model_dir(family)
