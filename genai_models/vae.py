@@ -14,7 +14,10 @@ the other families' discrete NLLs.
 from __future__ import annotations
 
 import math
+import copy
+import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -31,11 +34,15 @@ class VAEConfig:
     hidden_dim: int = 256
     # Decoded images are made in chunks of this many latents when bounds use many samples.
     decode_chunk: int = 4096
+    # What ``sample`` returns: the decoder's location (mean) for z ~ N(0, I), or a draw x ~ p(x | z).
+    sample_mode: Literal["mean", "draw"] = "mean"
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "base_channels", "hidden_dim", "decode_chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.sample_mode not in ("mean", "draw"):
+            raise ValueError(f"sample_mode must be 'mean' or 'draw', got {self.sample_mode!r}")
 
 
 class VAE(GenerativeModel):
@@ -98,10 +105,30 @@ class VAE(GenerativeModel):
 
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        """Decoder means of z ~ N(0, I), rounded to uint8 (the usual way VAE samples are shown)."""
+        """z ~ N(0, I), then per pixel the mean of p(x | z) rounded to uint8 (``sample_mode: mean``, the
+        usual way VAE samples are shown) or a draw from p(x | z) (``draw``)."""
         z = torch.randn(num_samples, self.config.latent_dim, generator=generator, device=generator.device)
-        mean, _ = self.decode(z.to(self.device))
-        return mean.round().clamp(0, 255).to(torch.uint8)
+        location, log_scale = self.decode(z.to(self.device))
+        if self.config.sample_mode == "mean":
+            return discretized_logistic_mean(location, log_scale).round().to(torch.uint8)
+        # Inverse CDF of the logistic, u ~ U(0, 1); rounding to the nearest level is the discretization
+        # (the edge bins take the tails, as in ``discretized_logistic_log_prob``).
+        u = torch.rand(location.shape, generator=generator, device=generator.device).to(location.device)
+        u = u.clamp(1e-6, 1 - 1e-6)
+        return (location + log_scale.exp() * (u.log() - (-u).log1p())).round().clamp(0, 255).to(torch.uint8)
+
+    def describe_sampling(self) -> str:
+        if self.config.sample_mode == "draw":
+            return "draws x ~ p(x | z) (discretized logistic per pixel) of z ~ N(0, I)"
+        return "decoder means E[x | z] (of each pixel's discretized logistic, rounded) of z ~ N(0, I)"
+
+    def plain_sampling(self) -> "VAE | None":
+        """Draws from p(x | z) when ``sample`` shows decoder means; the same weights."""
+        if self.config.sample_mode == "draw":
+            return None
+        plain = copy.copy(self)  # shares the modules and weights; only the config differs
+        plain.config = dataclasses.replace(self.config, sample_mode="draw")
+        return plain
 
     @torch.no_grad()
     def log_likelihood(
@@ -122,6 +149,20 @@ class VAE(GenerativeModel):
             for i in range(0, flat_z.shape[0], self.config.decode_chunk)
         ]).view(k, -1)                                                      # (k, B)
         return log_mean_exp(log_px + log_prior - log_q, dim=0)
+
+
+def discretized_logistic_mean(location: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """E[x] of the discretized logistic over 0..255 (bins as in ``discretized_logistic_log_prob``), same shape.
+
+    E[x] = sum_{k=1..255} P(x >= k) = sum_k sigmoid((location - (k - 0.5)) / scale). Not the location:
+    a pixel the decoder is unsure about gets a wide logistic whose location can sit far inside
+    0..255 while most of its mass is in an edge bin (grey location, black mean).
+    """
+    scale = log_scale.exp()
+    mean = torch.zeros_like(location)
+    for k in range(1, 256):  # a loop, not a (..., 255) tensor: bounded memory for big batches
+        mean += torch.sigmoid((location - (k - 0.5)) / scale)
+    return mean
 
 
 def _normal_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
