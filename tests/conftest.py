@@ -23,7 +23,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "transformer_lm": {"d_model": 16, "num_layers": 1, "num_heads": 2, "dropout": 0.0},
     "pixelcnn": {"hidden_channels": 8, "num_layers": 3},
     "realnvp": {"hidden_channels": 32, "final_couplings": 2},
-    "ddpm": {"base_channels": 8, "num_train_timesteps": 100, "sample_steps": 5, "bound_samples": 1},
+    "ddpm": {"base_channels": 8, "num_train_timesteps": 100, "sample_steps": 5, "bound_samples": 1,
+             "beta_schedule": "cosine", "attention": True},
     "wgan_gp": {"latent_dim": 8, "base_channels": 8, "n_critic": 2},
     "gmm": {"num_components": 4, "latent_dim": 4},
 }
