@@ -155,8 +155,8 @@ def discretized_logistic_mean(location: torch.Tensor, log_scale: torch.Tensor) -
     """E[x] of the discretized logistic over 0..255 (bins as in ``discretized_logistic_log_prob``), same shape.
 
     E[x] = sum_{k=1..255} P(x >= k) = sum_k sigmoid((location - (k - 0.5)) / scale). Not the location:
-    a pixel the decoder is unsure about gets a wide logistic whose location can sit far inside
-    0..255 while most of its mass is in an edge bin (grey location, black mean).
+    the edge bins take the tails, so a wide logistic's mean is pulled into 0..255 (a location of
+    -600 with scale 100 is a black pixel; -40 with scale 20 has a mean above 0).
     """
     scale = log_scale.exp()
     mean = torch.zeros_like(location)

@@ -183,5 +183,6 @@ def test_vae_decoder_mean_is_the_mean_of_the_discretized_logistic():
     probs = discretized_logistic_log_prob(levels.expand(256, 6), location, log_scale).exp()  # (256, 6)
     assert torch.allclose(probs.sum(0), torch.ones(6), atol=1e-5)
     assert torch.allclose(discretized_logistic_mean(location, log_scale), (levels * probs).sum(0), atol=1e-3)
-    # a wide logistic located at grey level 60 puts most of its mass in the black edge bin
-    assert discretized_logistic_mean(location, log_scale)[2] < 60
+    # a wide logistic's mass is clipped into the edge bins: its mean is not its location
+    mean = discretized_logistic_mean(location, log_scale)
+    assert mean[0] > 0 > location[0] and mean[2] > location[2] + 10
