@@ -117,21 +117,33 @@ class ClassifierConfig(_Strict):
 
 class FeaturesConfig(_Strict):
     extractor: Literal["classifier", "inception"] = "classifier"
-    inception_weights: str | None = None  # torchvision InceptionV3 IMAGENET1K_V1 state dict (.pth)
+    # inception: the FID Inception weights file (weights-inception-2015-12-05-6726825d.pth); null
+    # downloads it once into torch's hub cache.
+    inception_weights: str | None = None
+    inception_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")  # pin the weights file
     classifier: ClassifierConfig = ClassifierConfig()
-
-    @model_validator(mode="after")
-    def _weights_for_inception(self) -> "FeaturesConfig":
-        if self.extractor == "inception" and not self.inception_weights:
-            raise ValueError("extractor 'inception' needs features.inception_weights: a local .pth file")
-        return self
+    # Memorisation searches at most this many training images (seeded choice) for a sample's neighbour.
+    max_reference_images: int = Field(20000, gt=0)
 
 
 class EvaluateConfig(_Strict):
-    num_image_samples: int = Field(1000, gt=1)
+    num_image_samples: int = Field(1000, gt=1, le=10000)  # the k-NN metrics and KID hold n x n matrices
     iw_samples: int = Field(100, gt=0)  # k of the importance-weighted bound
     num_text_samples: int = Field(300, gt=1)
     batch_size: int = Field(250, gt=0)
+    k_nearest: int = Field(5, gt=0)              # k of precision / recall / density / coverage
+    kid_subsets: int = Field(100, gt=0)
+    kid_subset_size: int = Field(500, gt=1)
+    bootstrap: int = Field(200, ge=0)            # replicates behind each 95% interval (0: no intervals)
+    curve_samples: int = Field(250, gt=5)        # samples per point of the training-time quality curve
+    sample_seed: int | None = None               # seed of the sample draws (null: seed)
+
+    @model_validator(mode="after")
+    def _k_below_sample_count(self) -> "EvaluateConfig":
+        for name in ("num_image_samples", "curve_samples"):
+            if self.k_nearest >= getattr(self, name):
+                raise ValueError(f"k_nearest ({self.k_nearest}) must be smaller than {name} ({getattr(self, name)})")
+        return self
 
 
 class ReportConfig(_Strict):
@@ -173,6 +185,9 @@ class OrchestrationConfig(_Strict):
 
 class PipelineConfig(_Strict):
     seed: int = 0
+    # Training seeds: every family is trained once per seed; the first is the headline model, the
+    # report adds the mean and spread over all of them. null: [seed].
+    seeds: list[int] | None = Field(None, min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = True  # CUDA only
     data: DataConfig = DataConfig()
@@ -197,6 +212,23 @@ class PipelineConfig(_Strict):
     def family_model_config(self, name: str) -> Any:
         """The family's own (dataclass) model config, validated."""
         return _validate_family(name, self.families[name].model)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError(f"training seeds must differ, got {seeds}")
+        return seeds
+
+    @property
+    def training_seeds(self) -> list[int]:
+        """The training seeds, the headline model's first."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
+    @property
+    def sample_seed(self) -> int:
+        """The seed of evaluation's sample draws."""
+        return self.seed if self.evaluate.sample_seed is None else self.evaluate.sample_seed
 
     def image_families(self) -> list[str]:
         return [n for n in self.families if REGISTRY[n].modality == "image"]

@@ -1,10 +1,11 @@
-"""Feature-extractor step: the network FID is measured in, and the real-data reference.
+"""Feature-extractor step: the network the sample metrics are measured in, and the real data in it.
 
-With ``features.extractor: classifier`` (the CPU default) a small CNN is trained on the
-real training split; its test accuracy is reported beside every FID. With
-``inception`` the torchvision InceptionV3 weights are loaded from a local file.
-This step also stores the test split's feature statistics and the FID floor (real
-training images vs real test images, at the sample count the families are scored with).
+With ``features.extractor: classifier`` (the CPU default) a small CNN is trained on the real
+training split; its test accuracy is reported beside every metric. With ``inception`` the standard
+FID Inception weights are used (``tasks.feature_space``). This step then stores the real side of
+every metric (test and training features, the test split's FID statistics) and each metric's
+real-data floor: real training images in place of samples, at the sample count families are scored
+with (memorisation: unseen validation images). What is written is listed in ``tasks.feature_space``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genai_models.feature_extractor import ClassifierSpec, DigitClassifier, InceptionFeatures, extract_features
-from genai_models.metrics import features_to_stats, frechet_distance
+from genai_models.feature_extractor import ClassifierSpec, DigitClassifier, embed_images
+from genai_models.metrics import features_to_stats
+from genai_models.metrics.sample_quality import RealReference, SampleMetrics, memorization_ratio, nearest_distances
 from tasks import data, paths
-from tasks.checkpoints import load_torch, save_torch
+from tasks.checkpoints import save_torch
 from tasks.config import PipelineConfig
+from tasks.feature_space import REFERENCE_TEST, REFERENCE_TRAIN, extractor_description, load_inception
 from tasks.io import atomic_write_json, replace_directory
 from tasks.runtime import StepClock, device_name, resolve_device, seed_everything
 from tasks.train import batch_indices
@@ -58,67 +61,81 @@ def train_classifier(config: PipelineConfig, device: torch.device) -> tuple[Digi
     return model, float((predictions == test_y).float().mean())
 
 
-def load_extractor(config: PipelineConfig, device: torch.device) -> nn.Module:
-    """The feature extractor this pipeline's FIDs are measured with."""
-    if config.features.extractor == "inception":
-        return InceptionFeatures(config.features.inception_weights).to(device)
-    checkpoint = load_torch(paths.FEATURE_EXTRACTOR / "classifier.pt")
-    model = DigitClassifier(data.image_spec(paths.IMAGE_DATA), ClassifierSpec(**checkpoint["classifier_spec"]))
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval()
-
-
-def extractor_description(config: PipelineConfig) -> str:
-    if config.features.extractor == "inception":
-        return "torchvision InceptionV3 (IMAGENET1K_V1) pool features, 2048-d"
-    return f"DigitClassifier penultimate layer, {config.features.classifier.feature_dim}-d, trained on the train split"
-
-
-def load_reference_stats() -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of the test split's features."""
-    return np.load(paths.FEATURE_EXTRACTOR / "test_mu.npy"), np.load(paths.FEATURE_EXTRACTOR / "test_sigma.npy")
-
-
 def build_feature_extractor(config: PipelineConfig) -> Path:
-    """Write ``models/feature_extractor/``: the extractor, test statistics, the FID floor."""
+    """Write ``models/feature_extractor/``: the extractor, the real reference, every metric's floor."""
     clock = StepClock("features")
     device = resolve_device(config.device)
-    out = paths.FEATURE_EXTRACTOR
     summary: dict = {"extractor": config.features.extractor, "description": extractor_description(config),
                      "device": device_name(device)}
-    with replace_directory(out) as tmp:
+    with replace_directory(paths.FEATURE_EXTRACTOR) as tmp:
         if config.features.extractor == "classifier":
-            classifier, accuracy = train_classifier(config, device)
-            save_torch({"classifier_spec": {"num_classes": classifier.head.out_features,
-                                            "feature_dim": classifier.head.in_features},
-                        "state_dict": {k: v.cpu() for k, v in classifier.state_dict().items()}},
+            extractor, accuracy = train_classifier(config, device)
+            save_torch({"classifier_spec": {"num_classes": extractor.head.out_features,
+                                            "feature_dim": extractor.head.in_features},
+                        "state_dict": {k: v.cpu() for k, v in extractor.state_dict().items()}},
                        tmp / "classifier.pt")
-            extractor: nn.Module = classifier
             summary["test_accuracy"] = accuracy
             log.info("feature classifier test accuracy %.4f", accuracy)
         else:
-            extractor = InceptionFeatures(config.features.inception_weights).to(device)
-        test_images = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "test")[0])
-        test_mu, test_sigma = features_to_stats(extract_features(extractor, test_images, device=device).numpy())
-        np.save(tmp / "test_mu.npy", test_mu)
-        np.save(tmp / "test_sigma.npy", test_sigma)
-        floor_images = sample_real_images(config.evaluate.num_image_samples, config.seed)
-        floor_mu, floor_sigma = features_to_stats(extract_features(extractor, floor_images, device=device).numpy())
-        summary.update({
-            "fid_floor": frechet_distance(floor_mu, floor_sigma, test_mu, test_sigma),
-            "floor_samples": int(floor_images.shape[0]), "test_images": int(test_images.shape[0]),
-        })
-        log.info("FID floor (%d real train images vs %d test images): %.3f", floor_images.shape[0],
-                 test_images.shape[0], summary["fid_floor"])
+            extractor, summary["inception_sha256"] = load_inception(config, device)
+        reference = write_real_reference(config, extractor, device, tmp, summary)
+        summary["floor"] = real_data_floor(config, extractor, reference, device)
+        log.info("real-data floor: %s", ", ".join(f"{k} {v:.4g}" for k, v in summary["floor"].items()))
         atomic_write_json(tmp / "summary.json", {**summary, **clock.record()})
-    return out
+    return paths.FEATURE_EXTRACTOR
 
 
-def sample_real_images(count: int, seed: int) -> torch.Tensor:
-    """``count`` real training images chosen with ``seed`` (all of them if there are fewer)."""
-    images = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "train")[0])
+def _embed(extractor: nn.Module, images: torch.Tensor, device: torch.device, what: str) -> tuple[np.ndarray, np.ndarray]:
+    log.info("features of %d %s", images.shape[0], what)
+    features, probs = embed_images(extractor, images, device=device)
+    return features.numpy(), probs.numpy()
+
+
+def write_real_reference(config: PipelineConfig, extractor: nn.Module, device: torch.device, out: Path,
+                         summary: dict) -> RealReference:
+    """Test features (FID statistics of all; the k-NN / KID reference of ``num_image_samples`` of them)
+    and training features (the memorisation reference), saved in ``out``."""
+    test_images = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "test")[0])
+    test_features, _ = _embed(extractor, test_images, device, "test images")
+    mu, sigma = features_to_stats(test_features)
+    np.save(out / "test_mu.npy", mu)
+    np.save(out / "test_sigma.npy", sigma)
+    count = min(config.evaluate.num_image_samples, test_features.shape[0])
+    chosen = np.random.default_rng(config.seed).permutation(test_features.shape[0])[:count]
+    np.save(out / REFERENCE_TEST, test_features[np.sort(chosen)])
+    train_images = real_images("train", config.features.max_reference_images, config.seed)
+    train_features, _ = _embed(extractor, train_images, device, "training images (memorisation reference)")
+    np.save(out / REFERENCE_TRAIN, train_features.astype(np.float32))
+    summary.update(test_images=int(test_images.shape[0]), reference_test_images=count,
+                   reference_train_images=int(train_images.shape[0]))
+    return RealReference(test=test_features[np.sort(chosen)], train=train_features.astype(np.float32),
+                         k=config.evaluate.k_nearest, fid_mu=mu, fid_sigma=sigma)
+
+
+def real_data_floor(config: PipelineConfig, extractor: nn.Module, reference: RealReference,
+                    device: torch.device) -> dict[str, float]:
+    """Every sample metric with real training images in place of samples (memorisation: validation images)."""
+    images = real_images("train", config.evaluate.num_image_samples, config.seed)
+    features, probs = _embed(extractor, images, device, "real training images (the floor)")
+    floor = SampleMetrics(reference, features, probs, config.evaluate.kid_subsets, config.evaluate.kid_subset_size,
+                          config.seed).compute()
+    floor.pop("kid_std")
+    val_features, _ = _embed(extractor, real_images("val", config.evaluate.num_image_samples, config.seed),
+                             device, "validation images (the memorisation floor)")
+    floor["memorization"] = memorization_ratio(nearest_distances(val_features, reference.train),
+                                               reference.test_to_train)
+    return floor
+
+
+def real_images(split: str, count: int, seed: int) -> torch.Tensor:
+    """``count`` real images of ``split`` chosen with ``seed`` (all of them if there are fewer).
+
+    Training images of a dynamically binarized data set are binarized (once, with ``seed``) so they
+    compare like with the binarized test split.
+    """
+    images = torch.from_numpy(data.load_images(paths.IMAGE_DATA, split)[0])
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
     chosen = images[order[:count]]
-    if data.is_dynamically_binarized(paths.IMAGE_DATA):  # compare like with the binarized test split
+    if split == "train" and data.is_dynamically_binarized(paths.IMAGE_DATA):
         chosen = data.binarize(chosen, torch.Generator().manual_seed(seed))
     return chosen

@@ -1,8 +1,10 @@
 """Report step: every family's metrics, samples and curves -> one self-contained HTML file.
 
-The page needs no network: images are inlined as base64 PNG and curves as inline SVG.
-It is rendered by Jinja2 with autoescaping on, because generated sentences and corpus
-text are untrusted.
+The page opens with a verdict derived from the metrics and their intervals, then charts, then
+tables generated from the metric catalogue (``genai_models.metrics.catalogue``), then each family's
+samples and curves, the cost of each, and how the run can be reproduced. It needs no network:
+images and charts are inlined as base64 PNG. It is rendered by Jinja2 with autoescaping on,
+because generated sentences, corpus text and params are untrusted.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
-import importlib.metadata
 import io
 import json
 import logging
@@ -21,157 +22,296 @@ from pathlib import Path
 
 import yaml
 from jinja2 import Environment, PackageLoader, select_autoescape
-from markupsafe import Markup, escape
 
+from genai_models.metrics.catalogue import CATALOGUE, Metric, MetricValue, metrics_for
 from genai_models.registry import get_family
-from tasks import paths
+from tasks import charts, paths
 from tasks.config import PipelineConfig
 from tasks.io import atomic_write_text
-from tasks.runtime import StepClock
+from tasks.runtime import StepClock, package_version
+from tasks.samples import seed_model_dir
 
 log = logging.getLogger(__name__)
-
-# name -> (label, which way is better); the order is the order of the table columns.
-IMAGE_METRICS = {
-    "fid": ("FID", "lower"),
-    "fid_real": ("FID floor: real data", "lower"),
-    "fid_untrained": ("FID ceiling: untrained", "lower"),
-    "nll_bits_per_dim": ("NLL bits/dim: exact, or the tightest bound", "lower"),
-    "nll_nats": ("NLL (nats/image)", "lower"),
-    "bits_per_dim": ("bits/dim", "lower"),
-    "nll_elbo_nats": ("-ELBO (nats/image)", "lower"),
-    "bits_per_dim_elbo": ("-ELBO bits/dim", "lower"),
-    "nll_iwae_nats": ("IWAE NLL bound (nats/image)", "lower"),
-    "bits_per_dim_iwae": ("IWAE bits/dim", "lower"),
-}
-TEXT_METRICS = {
-    **{f"bleu{n}": (f"BLEU-{n}", "higher") for n in (2, 3, 4)},
-    **{f"self_bleu{n}": (f"Self-BLEU-{n}", "lower") for n in (2, 3, 4)},
-    "nll_per_token": ("NLL (nats/token)", "lower"),
-    "perplexity": ("Perplexity", "lower"),
-    **{f"bleu{n}_real": (f"BLEU-{n}, real text", "higher") for n in (2, 3, 4)},
-    **{f"self_bleu{n}_real": (f"Self-BLEU-{n}, real text", "lower") for n in (2, 3, 4)},
-}
-# Columns that describe the data or the yardsticks rather than a family: never "best".
-REFERENCE_COLUMNS = {"fid_real", "fid_untrained"} | {k for k in TEXT_METRICS if k.endswith("_real")}
 
 
 @dataclass
 class FamilyResult:
+    """What the train and evaluate steps wrote for one family."""
+
     name: str
     modality: str
-    metrics: dict[str, float]
+    metrics: dict[str, MetricValue]
     how: dict[str, str]
-    train: dict
-    evaluation: dict
-    curve_svg: Markup
+    train: dict                      # the headline model's summary.json
+    evaluation: dict                 # provenance.json
+    curve: list[dict[str, float]]    # loss.csv rows
+    seed_train: list[dict] = field(default_factory=list)  # summary.json of every training seed's model
+    configured: dict[str, MetricValue] | None = None      # sample metrics of the configured (non-plain) sampling
     samples_png: str | None = None
+    configured_png: str | None = None
     sentences: list[str] = field(default_factory=list)
+    configured_sentences: list[str] = field(default_factory=list)
+
+    @property
+    def train_seconds(self) -> float:
+        """Training seconds over every training seed."""
+        return sum(s.get("train_seconds") or 0.0 for s in self.seed_train or [self.train])
 
 
-def load_result(family: str) -> FamilyResult:
+def read_metrics(path: Path) -> tuple[dict[str, MetricValue], dict[str, MetricValue] | None]:
+    """metrics/<family>.json -> declared metrics, and the configured-sampling block if there is one."""
+    raw = json.loads(path.read_text())
+    configured = raw.pop("configured_sampling", None)
+    metrics = {name: MetricValue.from_json(value) for name, value in raw.items()}
+    return metrics, ({name: MetricValue.from_json(v) for name, v in configured.items()} if configured else None)
+
+
+def read_curve(path: Path) -> list[dict[str, float]]:
+    """loss.csv -> rows of {column: value} (empty cells left out)."""
+    with path.open() as handle:
+        return [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(handle)]
+
+
+def _b64(path: Path) -> str | None:
+    return base64.b64encode(path.read_bytes()).decode() if path.exists() else None
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def load_result(config: PipelineConfig, family: str) -> FamilyResult:
     """Read what the train and evaluate steps wrote for ``family``."""
     model_dir, eval_dir = paths.model_dir(family), paths.evaluation_dir(family)
     provenance = json.loads((eval_dir / "provenance.json").read_text())
-    result = FamilyResult(
-        name=family, modality=get_family(family).modality,
-        metrics=json.loads(paths.metrics_file(family).read_text()), how=provenance["how"],
+    metrics, configured = read_metrics(paths.metrics_file(family))
+    seeds = config.training_seeds
+    return FamilyResult(
+        name=family, modality=get_family(family).modality, metrics=metrics, how=provenance.get("how", {}),
         train=json.loads((model_dir / "summary.json").read_text()), evaluation=provenance,
-        curve_svg=curve_svg(read_curve(model_dir / "loss.csv")),
+        curve=read_curve(model_dir / "loss.csv"),
+        seed_train=[json.loads((seed_model_dir(family, s, seeds) / "summary.json").read_text()) for s in seeds],
+        configured=configured, samples_png=_b64(eval_dir / "samples.png"),
+        configured_png=_b64(eval_dir / "samples-configured.png"), sentences=_lines(eval_dir / "samples.txt"),
+        configured_sentences=_lines(eval_dir / "samples-configured.txt"),
     )
-    add_headline_likelihood(result)
-    if (eval_dir / "samples.png").exists():
-        result.samples_png = base64.b64encode((eval_dir / "samples.png").read_bytes()).decode()
-    if (eval_dir / "samples.txt").exists():
-        result.sentences = (eval_dir / "samples.txt").read_text().splitlines()
-    return result
 
 
-# An image family's likelihood columns, in the order of preference when they tie: exact first.
-_BITS_PER_DIM = {"bits_per_dim": "exact", "bits_per_dim_iwae": "IWAE bound", "bits_per_dim_elbo": "-ELBO bound"}
+# --- the verdict --------------------------------------------------------------------------------
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
 
 
-def add_headline_likelihood(result: FamilyResult) -> None:
-    """One bits/dim column that compares every likelihood family: its exact NLL, else its tightest bound.
-
-    Every bound reported is an upper bound on the same quantity (-log P(x) of the same 8-bit
-    test images), so the smallest is the best statement the family makes about its NLL.
-    """
-    present = [(result.metrics[name], name) for name in _BITS_PER_DIM if name in result.metrics]
-    if not present:
-        return
-    value, name = min(present, key=lambda item: (item[0], list(_BITS_PER_DIM).index(item[1])))
-    result.metrics["nll_bits_per_dim"] = value
-    result.how["nll_bits_per_dim"] = f"{_BITS_PER_DIM[name]} (the '{name}' column): {result.how.get(name, '')}"
+def _with_interval(value: MetricValue) -> str:
+    interval = f" [{_fmt(value.low)}, {_fmt(value.high)}]" if value.low is not None else ""
+    return f"{_fmt(value.value)}{interval}"
 
 
-def read_curve(path: Path) -> dict[str, list[tuple[float, float]]]:
-    """loss.csv -> {column: [(step, value), ...]} for every loss column."""
-    with path.open() as handle:
-        rows = list(csv.DictReader(handle))
-    columns = [c for c in (rows[0].keys() if rows else []) if c not in ("step", "samples_per_s")]
-    return {c: [(float(r["step"]), float(r[c])) for r in rows if r.get(c) not in (None, "")] for c in columns}
+def ranking(results: list[FamilyResult], metric: Metric) -> tuple[list[FamilyResult], list[FamilyResult]]:
+    """(families tied for best on ``metric``, the others in order); ties are intervals overlapping the best's."""
+    scored = [r for r in results if metric.key in r.metrics]
+    if not scored:
+        return [], []
+    order = sorted(scored, key=lambda r: _sort_key(metric, r.metrics[metric.key].value))
+    best = order[0].metrics[metric.key]
+    tied = [r for r in order if r is order[0] or r.metrics[metric.key].overlaps(best)]
+    return tied, [r for r in order if r not in tied]
 
 
-def curve_svg(series: dict[str, list[tuple[float, float]]], width: int = 420, height: int = 220) -> Markup:
-    """A small inline line chart; only numbers and escaped names go into the markup."""
-    points = [p for values in series.values() for p in values]
-    if not points:
-        return Markup("<p>No curve recorded.</p>")
-    x_min, x_max = min(p[0] for p in points), max(p[0] for p in points)
-    y_min, y_max = min(p[1] for p in points), max(p[1] for p in points)
-    x_span, y_span = (x_max - x_min) or 1.0, (y_max - y_min) or 1.0
-    left, right, top, bottom = 56, 10, 10, 28
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
-             f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
-             'fill="none" stroke="#bbb"/>']
-    for i, (name, values) in enumerate(series.items()):
-        coords = " ".join(
-            f"{left + (x - x_min) / x_span * (width - left - right):.1f},"
-            f"{top + (1 - (y - y_min) / y_span) * (height - top - bottom):.1f}" for x, y in values)
-        color = colors[i % len(colors)]
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{coords}"/>')
-        parts.append(f'<text x="{left + 6}" y="{top + 14 + 13 * i}" font-size="11" fill="{color}">{escape(name)}</text>')
-    parts += [f'<text x="2" y="{top + 10}" font-size="10">{y_max:.4g}</text>',
-              f'<text x="2" y="{height - bottom}" font-size="10">{y_min:.4g}</text>',
-              f'<text x="{left}" y="{height - 8}" font-size="10">step {x_min:.0f}</text>',
-              f'<text x="{width - right - 60}" y="{height - 8}" font-size="10">step {x_max:.0f}</text>', "</svg>"]
-    return Markup("".join(parts))
+def _sort_key(metric: Metric, value: float) -> float:
+    return {"lower": value, "higher": -value, "closer to 1": abs(value - 1.0)}[metric.better]
 
 
-def comparison_table(results: list[FamilyResult], catalogue: dict[str, tuple[str, str]]) -> dict:
-    """Columns present in any result, each with its label, direction and best family."""
-    columns = [name for name in catalogue if any(name in r.metrics for r in results)]
-    best = {}
-    for name in columns:
-        if name in REFERENCE_COLUMNS:
+def verdict(results: list[FamilyResult], sample_count: int) -> list[str]:
+    """The report's opening statements for one modality: best per question, ties stated as ties."""
+    if not results:
+        return []
+    lines = []
+    for metric in metrics_for(results[0].modality):
+        if not metric.verdict:
             continue
-        scored = [(r.metrics[name], r.name) for r in results if name in r.metrics]
-        if len(scored) > 1:
-            pick = min if catalogue[name][1] == "lower" else max
-            best[name] = pick(scored)[1]
-    return {"columns": [(name, *catalogue[name]) for name in columns], "best": best, "rows": results}
+        tied, rest = ranking(results, metric)
+        if not tied:
+            continue
+        label = f"{metric.label}, {metric.better} is better"
+        if metric.key in ("nll_bits_per_dim", "perplexity"):
+            lines.append(_likelihood_statement(metric, tied + rest))
+        elif len(tied) == 1:
+            runner_up = f"; next: {rest[0].name} {_with_interval(rest[0].metrics[metric.key])}" if rest else ""
+            lines.append(f"Best {metric.verdict}: {tied[0].name} ({label}: "
+                         f"{_with_interval(tied[0].metrics[metric.key])}{runner_up}).")
+        else:
+            names = ", ".join(f"{r.name} {_with_interval(r.metrics[metric.key])}" for r in tied)
+            lines.append(f"Best {metric.verdict}: a tie between {len(tied)} families ({label}): {names}. Their 95% "
+                         f"intervals overlap, so at {sample_count} samples they are not distinguishable on this metric.")
+    cheapest = sorted(results, key=lambda r: r.train_seconds)
+    if len(cheapest) > 1:
+        lines.append(f"Cheapest to train: {cheapest[0].name} ({cheapest[0].train_seconds:.0f} s); most expensive: "
+                     f"{cheapest[-1].name} ({cheapest[-1].train_seconds:.0f} s) (training seconds on "
+                     f"{cheapest[0].train.get('device', '?')}; not a metric: they depend on the machine).")
+    return lines + warnings(results)
 
 
+def _likelihood_statement(metric: Metric, order: list[FamilyResult]) -> str:
+    def describe(r: FamilyResult) -> str:
+        exact = metric.key == "perplexity" or "bits_per_dim" in r.metrics
+        return f"{r.name} {'' if exact else '≤ '}{_fmt(r.metrics[metric.key].value)}{'' if exact else ' (bound)'}"
+
+    text = f"Best likelihood ({metric.label}, lower is better): {describe(order[0])}"
+    if len(order) > 1:
+        text += "; then " + ", ".join(describe(r) for r in order[1:4])
+    if any("bits_per_dim" not in r.metrics for r in order) and metric.key != "perplexity":
+        text += ". A bound can only overstate the NLL: a family that reports one may be better than its number"
+    return text + "."
+
+
+def warnings(results: list[FamilyResult]) -> list[str]:
+    """What a reader must not miss: no better than untrained, closer to the training set than real data."""
+    out = []
+    for r in results:
+        untrained = [f"{CATALOGUE[key].label} {_fmt(value.value)} (untrained {_fmt(value.ceiling)})"
+                     for key, value in r.metrics.items()
+                     if value.ceiling is not None and CATALOGUE[key].better != "closer to 1"
+                     and not CATALOGUE[key].is_better(value.value, value.ceiling)]
+        if untrained:
+            out.append(f"Warning: {r.name} is no better than the same architecture untrained on "
+                       f"{', '.join(untrained)}.")
+        memo = r.metrics.get("memorization")
+        if memo is not None and memo.high is not None and memo.floor is not None and memo.high < memo.floor:
+            out.append(f"Warning: {r.name}'s samples sit closer to their nearest training image than unseen real "
+                       f"images do (memorisation {_with_interval(memo)}; real validation images "
+                       f"{_fmt(memo.floor)}): look for copies of training images in its samples.")
+    return out
+
+
+# --- tables -------------------------------------------------------------------------------------
+def table(results: list[FamilyResult], metrics: list[Metric], with_floor: bool) -> dict | None:
+    """Rows of cells for the template: value, interval, seeds; best (★) and ties (≈) per column."""
+    columns = [m for m in metrics if any(m.key in r.metrics for r in results)]
+    if not columns:
+        return None
+    marks: dict[tuple[str, str], str] = {}
+    for metric in columns:
+        tied, rest = ranking(results, metric)
+        if len(tied) + len(rest) > 1:
+            for r in tied:
+                marks[(r.name, metric.key)] = "best" if len(tied) == 1 else "tie"
+    rows = [{"name": r.name, "reference": False,
+             "cells": [_cell(r.metrics.get(m.key), marks.get((r.name, m.key), "")) for m in columns]}
+            for r in results]
+    if with_floor and any(m.floor for m in columns):
+        floors = [next((r.metrics[m.key].floor for r in results if m.key in r.metrics), None) for m in columns]
+        rows.append({"name": "real data (floor)", "reference": True,
+                     "cells": [_cell(MetricValue(f) if f is not None else None, "") for f in floors]})
+    return {"columns": columns, "rows": rows}
+
+
+def _short(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _cell(value: MetricValue | None, mark: str) -> dict:
+    """A table cell: the value (4 significant digits) and, smaller, its interval, spread and seed spread."""
+    if value is None:
+        return {"value": "—", "interval": "", "std": "", "seeds": "", "mark": ""}
+    return {"value": _fmt(value.value), "mark": mark,
+            "interval": f"[{_short(value.low)}, {_short(value.high)}]" if value.low is not None else "",
+            "std": f"± {_short(value.std)} over subsets" if value.std is not None else "",
+            "seeds": (f"{value.seed_count} seeds: {_short(value.seed_mean)} ± {_short(value.seed_std)}"
+                      if value.seed_count else "")}
+
+
+def ceiling_table(results: list[FamilyResult]) -> dict | None:
+    """Untrained ceilings of every sample metric, per family (what no training at all scores)."""
+    columns = [m for m in metrics_for("image", "samples") if any(
+        r.metrics.get(m.key) and r.metrics[m.key].ceiling is not None for r in results)]
+    if not columns:
+        return None
+    return {"columns": columns, "rows": [{"name": r.name, "cells": [
+        _fmt(r.metrics[m.key].ceiling) if m.key in r.metrics else "—" for m in columns]} for r in results]}
+
+
+def configured_rows(results: list[FamilyResult]) -> list[dict]:
+    """Families whose default sampling is not plain: the same metrics measured that way."""
+    return [{"name": r.name, "sampling": r.evaluation.get("sampling", ""),
+             "plain": r.evaluation.get("plain_sampling", ""),
+             "cells": {CATALOGUE[k].label: _with_interval(v) for k, v in r.configured.items()}}
+            for r in results if r.configured]
+
+
+# --- charts -------------------------------------------------------------------------------------
+def _point(result: FamilyResult, key: str) -> charts.Point:
+    value = result.metrics[key]
+    return charts.Point(result.name, value.value, value.low, value.high)
+
+
+def image_charts(results: list[FamilyResult], colors: dict[str, str]) -> dict[str, str]:
+    """Base64 PNGs: precision-recall, FID with intervals, FID against training time."""
+    out = {}
+    with_pr = [r for r in results if "precision" in r.metrics and "recall" in r.metrics]
+    if with_pr:
+        floor = with_pr[0].metrics["precision"].floor, with_pr[0].metrics["recall"].floor
+        out["precision_recall"] = charts.precision_recall(
+            [(_point(r, "precision"), _point(r, "recall")) for r in with_pr], None if None in floor else floor, colors)
+    with_fid = sorted((r for r in results if "fid" in r.metrics), key=lambda r: r.metrics["fid"].value)
+    if with_fid:
+        out["fid"] = charts.bars_with_intervals([_point(r, "fid") for r in with_fid], colors,
+                                                title="FID (95% intervals)",
+                                                label="FID (lower is better)", floor=with_fid[0].metrics["fid"].floor,
+                                                log_scale=True)
+    series = {r.name: [(row["train_seconds"], row["fid"]) for row in r.curve if "fid" in row and "train_seconds" in row]
+              for r in results}
+    if any(series.values()):
+        out["fid_curve"] = charts.curves(series, colors, title="FID while training (curve samples)",
+                                         xlabel="training seconds", ylabel="FID (log scale)", log_y=True)
+    return {k: base64.b64encode(v).decode() for k, v in out.items()}
+
+
+def text_charts(results: list[FamilyResult], colors: dict[str, str]) -> dict[str, str]:
+    series = {r.name: [(row["train_seconds"], row["val_loss"]) for row in r.curve
+                       if "val_loss" in row and "train_seconds" in row] for r in results}
+    if not any(series.values()):
+        return {}
+    png = charts.curves(series, colors, title="Validation NLL while training", xlabel="training seconds",
+                        ylabel="validation NLL (nats/token)")
+    return {"val_curve": base64.b64encode(png).decode()}
+
+
+_NOT_LOSSES = {"step", "samples_per_s", "train_seconds", "fid", "precision", "recall"}
+
+
+def loss_chart(result: FamilyResult) -> str:
+    columns = [c for c in dict.fromkeys(k for row in result.curve for k in row) if c not in _NOT_LOSSES]
+    series = {c: [(row["step"], row[c]) for row in result.curve if c in row] for c in columns}
+    return base64.b64encode(charts.loss_curves(series, f"{result.name}: training curves")).decode()
+
+
+# --- metadata, cost, csv --------------------------------------------------------------------------
 def run_metadata(config: PipelineConfig, results: list[FamilyResult]) -> dict:
     """Versions, data checksums and step timings that the reader needs to reproduce the run."""
     manifests = {m: json.loads((paths.data_dir(m) / "manifest.json").read_text())
                  for m in {r.modality for r in results}}
-    timings = [json.loads((paths.FEATURE_EXTRACTOR / "summary.json").read_text())] if any(
-        r.modality == "image" for r in results) else []
+    feature_summary = _feature_summary() if any(r.modality == "image" for r in results) else {}
+    timings = [feature_summary] if feature_summary else []
     for result in results:
         timings += [result.train, result.evaluation]
-    packages = {name: _version(name) for name in ("torch", "torchvision", "numpy", "prefect", "dvc", "genai-pipeline")}
+    packages = {name: package_version(name) for name in
+                ("torch", "torchvision", "numpy", "matplotlib", "prefect", "dvc", "genai-pipeline")}
     return {
         "git_commit": _git_commit(), "dvc_hashes": dvc_locked_hashes(), "platform": platform.platform(),
         "python": platform.python_version(), "packages": packages,
         "devices": sorted({r.train.get("device", "?") for r in results}),
         "data": {m: {"dataset": man.get("dataset"), "sha256": _manifest_hash(m)} for m, man in manifests.items()},
         "params": yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+        "features": feature_summary,
         "timings": [{"step": t.get("step"), "wall_s": t.get("wall_s"), "peak_rss_mb": t.get("peak_rss_mb")}
                     for t in timings],
     }
+
+
+def _feature_summary() -> dict:
+    path = paths.FEATURE_EXTRACTOR / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def dvc_locked_hashes() -> dict[str, str]:
@@ -198,59 +338,70 @@ def _git_commit() -> str:
         return "unknown (not a git checkout)"
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+CSV_FIELDS = ("value", "low", "high", "std", "floor", "ceiling", "seed_mean", "seed_std", "seed_count")
 
 
 def write_metrics_csv(results: list[FamilyResult], path: Path) -> None:
-    """One row per (family, metric): value, direction and how it was made."""
+    """One row per (family, metric): the value and what stands beside it, direction, how it was made."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["family", "modality", "metric", "value", "better", "how"])
+    writer.writerow(["family", "modality", "metric", "sampling", *CSV_FIELDS, "better", "how"])
     for result in results:
-        catalogue = IMAGE_METRICS if result.modality == "image" else TEXT_METRICS
-        for name, value in result.metrics.items():
-            writer.writerow([result.name, result.modality, name, value, catalogue.get(name, ("", ""))[1],
-                             result.how.get(name, "")])
+        blocks = [("plain", result.metrics, result.how)]
+        if result.configured:
+            blocks.append(("configured", result.configured, result.evaluation.get("configured_how") or {}))
+        for sampling, metrics, how in blocks:
+            for name, value in metrics.items():
+                writer.writerow([result.name, result.modality, name, sampling,
+                                 *("" if getattr(value, f) is None else getattr(value, f) for f in CSV_FIELDS),
+                                 CATALOGUE[name].better, how.get(name, "")])
     atomic_write_text(path, buffer.getvalue())
 
 
 def cost_rows(results: list[FamilyResult]) -> list[dict]:
-    """Per family: training time and speed, generation speed, peak memory of its train and evaluate steps.
-
-    Read from models/<family>/summary.json and evaluation/<family>/provenance.json; a value a step
-    did not record (an older evaluation) is None and shows as a dash.
-    """
+    """Per family: what training cost (over every seed), its speed, generation speed, peak memory."""
     return [{
-        "family": r.name, "device": r.train.get("device"),
-        "train_seconds": r.train.get("train_seconds"), "train_samples_per_s": r.train.get("train_samples_per_s"),
+        "family": r.name, "device": r.train.get("device"), "seeds": len(r.seed_train) or 1,
+        "steps": r.train.get("steps"), "train_seconds": r.train_seconds,
+        "curve_seconds": sum(s.get("quality_curve_seconds") or 0.0 for s in r.seed_train or [r.train]),
+        "train_samples_per_s": r.train.get("train_samples_per_s"),
         "generation_samples_per_s": r.evaluation.get("generation_samples_per_s"),
         "generation_how": r.evaluation.get("generation_how", ""),
         "train_peak_rss_mb": r.train.get("peak_rss_mb"), "evaluate_peak_rss_mb": r.evaluation.get("peak_rss_mb"),
+        "evaluate_wall_s": r.evaluation.get("wall_s"),
     } for r in results]
 
 
+# --- the page -----------------------------------------------------------------------------------
 def render(config: PipelineConfig, results: list[FamilyResult], wall_s: float) -> str:
     environment = Environment(loader=PackageLoader("tasks", "templates"),
                               autoescape=select_autoescape(default=True, default_for_string=True))
-    environment.filters["num"] = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else v
+    environment.filters["num"] = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else ("—" if v is None else v)
     image = [r for r in results if r.modality == "image"]
     text = [r for r in results if r.modality == "text"]
+    intervals = next((r.evaluation.get("bootstrap_replicates") for r in results), 0)
+    colors = charts.palette([r.name for r in results])
     return environment.get_template("report.html.j2").render(
-        title=config.report.title, image_table=comparison_table(image, IMAGE_METRICS) if image else None,
-        text_table=comparison_table(text, TEXT_METRICS) if text else None, results=results,
-        meta=run_metadata(config, results), report_wall_s=wall_s, reference_columns_set=REFERENCE_COLUMNS,
-        cost=cost_rows(results),
+        title=config.report.title, results=results, meta=run_metadata(config, results), report_wall_s=wall_s,
+        image_verdict=verdict(image, config.evaluate.num_image_samples),
+        text_verdict=verdict(text, config.evaluate.num_text_samples),
+        image_table=table(image, metrics_for("image", "samples"), with_floor=True),
+        likelihood_table=table([r for r in image if "nll_bits_per_dim" in r.metrics], metrics_for("image", "likelihood"),
+                               with_floor=False),
+        text_table=table(text, metrics_for("text"), with_floor=True), ceilings=ceiling_table(image),
+        configured=configured_rows(results), image_charts=image_charts(image, colors),
+        text_charts=text_charts(text, colors),
+        loss_charts={r.name: loss_chart(r) for r in results}, cost=cost_rows(results),
+        catalogue=[m for m in CATALOGUE.values() if any(m.key in r.metrics for r in results)],
+        seeds=config.training_seeds, sample_seed=config.sample_seed, bootstrap=intervals,
+        num_image_samples=config.evaluate.num_image_samples, num_text_samples=config.evaluate.num_text_samples,
     )
 
 
 def build_report(config: PipelineConfig) -> Path:
     """Write the HTML report and ``reports/metrics.csv``; returns the HTML path."""
     clock = StepClock("report")
-    results = [load_result(name) for name in config.families]
+    results = [load_result(config, name) for name in config.families]
     out = Path(config.report.path)
     write_metrics_csv(results, out.with_name("metrics.csv"))
     atomic_write_text(out, render(config, results, clock.record()["wall_s"]))

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from genai_models.base import DataSpec, GenerativeModel, Precision, TrainSettings, config_to_dict
 from genai_models.ema import ModelEMA
@@ -30,7 +29,9 @@ from tasks.checkpoints import (
 )
 from tasks.config import PipelineConfig, TrainConfig
 from tasks.io import atomic_write_json, replace_directory, sha256_file
+from tasks.quality_curve import QualityCurve
 from tasks.runtime import StepClock, device_name, format_duration, resolve_device, seed_everything
+from tasks.samples import seed_model_dir, write_samples
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,15 @@ def _settings(train: TrainConfig) -> TrainSettings:
 class Trainer:
     """Holds what one family's training run needs; ``fit`` runs it, resuming where it stopped."""
 
-    def __init__(self, config: PipelineConfig, family: str) -> None:
+    def __init__(self, config: PipelineConfig, family: str, seed: int | None = None) -> None:
         self.family = family
         self.config = config
+        self.seed = config.training_seeds[0] if seed is None else seed
         self.train_config = config.families[family].train
         self.device = resolve_device(config.device)
         spec = get_family(family)
         self.data = load_training_data(spec.modality)
-        seed_everything(config.seed)
+        seed_everything(self.seed)
         self.model: GenerativeModel = spec.build(config.family_model_config(family), self.data.spec).to(self.device)
         self.settings = _settings(self.train_config)
         self.optimizers = self.model.configure_optimizers(self.settings)
@@ -97,19 +99,23 @@ class Trainer:
         self.schedulers = lr_schedulers(self.optimizers, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.precision = Precision(self.device, config.mixed_precision)
-        self.state_dir = paths.RUN_STATE / family
+        self.state_dir = paths.RUN_STATE / family / f"seed-{self.seed}"
         recover_interrupted_save(self.state_dir / "state.pt")  # a previous run may have been killed mid-save
         self.fingerprint = self._fingerprint()
         self.step = 0
         self.curve: list[dict[str, float]] = []
         self.train_seconds = 0.0
         self.best: dict | None = None  # {"step", "val_loss", "weights"} when keep_best
+        # Image families: a cheap FID / precision / recall of samples at every validation point
+        # (loaded at the first one: it needs the features step's output).
+        self.quality: QualityCurve | None = None
+        self.quality_seconds = 0.0  # time spent measuring it (not training time)
 
     def _fingerprint(self) -> str:
         """What a resumable state must match: family, configs, seed, data."""
         blob = json.dumps({
             "family": self.family, "model": config_to_dict(self.model.config),
-            "train": self.train_config.model_dump(), "seed": self.config.seed, "data": self.data.checksum,
+            "train": self.train_config.model_dump(), "seed": self.seed, "data": self.data.checksum,
             "device": self.device.type, "precision": self.precision.name,
         }, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -118,7 +124,7 @@ class Trainer:
     def save_state(self) -> None:
         save_torch({
             "fingerprint": self.fingerprint, "step": self.step, "curve": self.curve,
-            "train_seconds": self.train_seconds, "best": self.best,
+            "train_seconds": self.train_seconds, "quality_seconds": self.quality_seconds, "best": self.best,
             "model": self.model.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
@@ -153,6 +159,7 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.step, self.curve, self.train_seconds = state["step"], state["curve"], state["train_seconds"]
         self.best = state["best"]
+        self.quality_seconds = state.get("quality_seconds", 0.0)
         log.info("%s: resumed from step %d (%s)", self.family, self.step, path)
 
     # --- the loop --------------------------------------------------------------------
@@ -162,10 +169,10 @@ class Trainer:
         window_start, window_examples = time.perf_counter(), 0
         while self.step < total:
             tick = time.perf_counter()
-            index = batch_indices(self.step, self.data.train.shape[0], cfg.batch_size, self.config.seed)
+            index = batch_indices(self.step, self.data.train.shape[0], cfg.batch_size, self.seed)
             batch = self.data.train[index].to(self.device, non_blocking=True)
             if self.data.binarize:  # seeded by the step, like the batch order: resuming sees the same pixels
-                noise = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.step + 7)
+                noise = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step + 7)
                 batch = data.binarize(batch, noise)
             terms = self.model.training_step(batch, self.optimizers, self.precision, self.settings)
             self._after_step()
@@ -177,7 +184,8 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == total:
                 elapsed = time.perf_counter() - window_start
                 rate = window_examples / max(elapsed, 1e-9)
-                self.curve.append({"step": self.step, **values, "samples_per_s": round(rate, 1)})
+                self.curve.append({"step": self.step, **values, "samples_per_s": round(rate, 1),
+                                   "train_seconds": round(self.train_seconds, 3)})
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     self._validate_and_track_best()
                 eta = (total - self.step) * cfg.batch_size / max(rate, 1e-9)
@@ -202,11 +210,20 @@ class Trainer:
         return self.ema.swapped_in(self.model) if self.ema else contextlib.nullcontext()
 
     def _validate_and_track_best(self) -> None:
-        """Validation loss (of the weights in use) into the curve; with keep_best, remember the best so far."""
+        """Validation loss and image families' sample quality (of the weights in use: the EMA when on)
+        into the curve; with keep_best, remember the best weights so far."""
         with self.weights_in_use():
             val_loss = self.validation_loss()
             self.curve[-1]["val_loss"] = round(val_loss, 6)
             log.info("%s step %d  validation loss %.4g", self.family, self.step, val_loss)
+            if self.model.modality == "image":
+                started = time.perf_counter()
+                self.quality = self.quality or QualityCurve(self.config, self.device)
+                quality = self.quality.measure(self.model)
+                self.quality_seconds += time.perf_counter() - started
+                self.curve[-1].update({name: round(value, 6) for name, value in quality.items()})
+                log.info("%s step %d  %s", self.family, self.step,
+                         "  ".join(f"{name} {value:.4g}" for name, value in quality.items()))
             if self.train_config.keep_best and (self.best is None or val_loss < self.best["val_loss"]):
                 weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                 self.best = {"step": self.step, "val_loss": val_loss, "weights": weights}
@@ -244,46 +261,13 @@ class Trainer:
         batch_size, total, count = self.train_config.batch_size, 0.0, 0
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.config.seed)
+            torch.manual_seed(self.seed)
             for start in range(0, self.data.val.shape[0], batch_size):
                 batch = self.data.val[start:start + batch_size].to(self.device)
                 total += float(self.model.loss(batch)["loss"]) * batch.shape[0]
                 count += batch.shape[0]
         self.model.train()
         return total / max(count, 1)
-
-
-def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:
-    """(N, C, H, W) uint8 images tiled into one (C, H', W') image, ``nrow`` per row, white gaps.
-
-    Written here rather than imported from torchvision: importing torchvision costs every
-    train and evaluate process about 1.5 s on a 2-core CPU.
-    """
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value,
-                      dtype=images.dtype)
-    for i, image in enumerate(images):
-        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
-        grid[:, top:top + h, left:left + w] = image
-    return grid
-
-
-def write_samples(model: GenerativeModel, num_samples: int, seed: int, out_dir: Path) -> Path:
-    """A PNG grid (images) or a text file of sentences (text) drawn with a fixed seed."""
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    samples = model.sample(num_samples, generator).cpu()
-    if model.modality == "image":
-        grid = image_grid(samples, nrow=int(math.ceil(math.sqrt(num_samples))))
-        buffer = io.BytesIO()
-        Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy()).save(buffer, format="PNG")
-        path = out_dir / "samples.png"
-        path.write_bytes(buffer.getvalue())
-    else:
-        vocab = data.load_vocab(paths.TEXT_DATA)
-        path = out_dir / "samples.txt"
-        path.write_text("".join(" ".join(vocab.decode(row.tolist())) + "\n" for row in samples))
-    return path
 
 
 def write_curve(curve: list[dict[str, float]], path: Path) -> None:
@@ -295,38 +279,58 @@ def write_curve(curve: list[dict[str, float]], path: Path) -> None:
     path.write_text(buffer.getvalue())
 
 
+def write_model_outputs(trainer: Trainer, out: Path, val_loss: float, clock: StepClock) -> None:
+    """One trained model's folder: checkpoint, loss/quality curve, samples, config and summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, family = trainer.train_config, trainer.family
+    save_torch(model_checkpoint(trainer.model, family), out / "model.pt")
+    write_curve(trainer.curve, out / "loss.csv")
+    write_samples(trainer.model, cfg.num_samples, trainer.seed, out)
+    atomic_write_json(out / "config.json", {
+        "family": family, "seed": trainer.seed, "model": config_to_dict(trainer.model.config),
+        "train": cfg.model_dump(), "data_checksum": trainer.data.checksum,
+    })
+    examples = cfg.steps * min(cfg.batch_size, trainer.data.train.shape[0])
+    atomic_write_json(out / "summary.json", {
+        **clock.record(), "family": family, "seed": trainer.seed, "device": device_name(trainer.device),
+        "precision": trainer.precision.name, "steps": cfg.steps,
+        "train_seconds": round(trainer.train_seconds, 3),
+        "train_samples_per_s": round(examples / max(trainer.train_seconds, 1e-9), 1),
+        "final_train_loss": trainer.curve[-1]["loss"] if trainer.curve else None,
+        "val_loss": val_loss, "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "torch": torch.__version__, "best_step": trainer.best["step"] if trainer.best else None,
+        "quality_curve_seconds": round(trainer.quality_seconds, 3),
+    })
+
+
 def train_family(config: PipelineConfig, family: str) -> Path:
-    """Train ``family`` and write ``models/<family>/``; returns that folder."""
+    """Train ``family`` once per training seed and write ``models/<family>/``; returns that folder.
+
+    The headline (first) seed's model is ``models/<family>/model.pt``, the others'
+    ``models/<family>/seeds/<seed>/model.pt``. The folder is replaced only when every seed is done;
+    until then each finished seed keeps its resumable state, so a failure loses no finished seed.
+    """
     clock = StepClock(f"train {family}")
-    trainer = Trainer(config, family)
-    parameters = sum(p.numel() for p in trainer.model.parameters())
-    log.info("%s: %d parameters on %s (%s), %d training examples", family, parameters,
-             device_name(trainer.device), trainer.precision.name, trainer.data.train.shape[0])
-    trainer.try_resume()
-    trainer.fit()
-    trainer.finish()
-    val_loss = trainer.validation_loss()
-    log.info("%s: validation loss %.4g", family, val_loss)
+    seeds = config.training_seeds
     out = paths.model_dir(family)
+    finished = []
     with replace_directory(out) as tmp:
-        save_torch(model_checkpoint(trainer.model, family), tmp / "model.pt")
-        write_curve(trainer.curve, tmp / "loss.csv")
-        write_samples(trainer.model, trainer.train_config.num_samples, config.seed, tmp)
-        atomic_write_json(tmp / "config.json", {
-            "family": family, "seed": config.seed, "model": config_to_dict(trainer.model.config),
-            "train": trainer.train_config.model_dump(), "data_checksum": trainer.data.checksum,
-        })
-        examples = trainer.train_config.steps * min(trainer.train_config.batch_size, trainer.data.train.shape[0])
-        atomic_write_json(tmp / "summary.json", {
-            **clock.record(), "family": family, "device": device_name(trainer.device),
-            "precision": trainer.precision.name, "steps": trainer.train_config.steps,
-            "train_seconds": round(trainer.train_seconds, 3),
-            "train_samples_per_s": round(examples / max(trainer.train_seconds, 1e-9), 1),
-            "final_train_loss": trainer.curve[-1]["loss"] if trainer.curve else None,
-            "val_loss": val_loss, "parameters": parameters, "torch": torch.__version__,
-            "best_step": trainer.best["step"] if trainer.best else None,
-        })
-    # The resumable state is only useful while the run is unfinished.
-    for path in (trainer.state_dir / "state.pt", checksum_path(trainer.state_dir / "state.pt")):
-        path.unlink(missing_ok=True)
+        for seed in seeds:
+            trainer = Trainer(config, family, seed)
+            parameters = sum(p.numel() for p in trainer.model.parameters())
+            log.info("%s (seed %d of %s): %d parameters on %s (%s), %d training examples", family, seed, seeds,
+                     parameters, device_name(trainer.device), trainer.precision.name, trainer.data.train.shape[0])
+            trainer.try_resume()
+            trainer.fit()
+            if len(seeds) > 1:
+                trainer.save_state()  # finished: a later seed's failure must not cost this one
+            trainer.finish()
+            val_loss = trainer.validation_loss()
+            log.info("%s (seed %d): validation loss %.4g", family, seed, val_loss)
+            write_model_outputs(trainer, tmp / seed_model_dir(family, seed, seeds).relative_to(out), val_loss, clock)
+            finished.append(trainer)
+    # The resumable states are only useful while the run is unfinished.
+    for trainer in finished:
+        for path in (trainer.state_dir / "state.pt", checksum_path(trainer.state_dir / "state.pt")):
+            path.unlink(missing_ok=True)
     return out

@@ -47,18 +47,19 @@ def test_results_are_written_as_json_and_markdown(tmp_path):
     assert "| x | ratio | 2 x | 1–3 | 3 | >= 2 | pass |" in table and "skipped" in table
 
 
-from tests.test_report import report_workspace  # noqa: E402,F401  (the fixture: a fake finished run)
-
-
-def test_report_cost_section_shows_training_generation_and_memory(report_workspace):  # noqa: F811
+def test_report_cost_section_shows_training_generation_and_memory(tmp_path, monkeypatch):
     from tasks import paths
     from tasks.report import build_report
+    from tests.fake_run import make_fake_run
+
+    monkeypatch.chdir(tmp_path)
+    report_workspace = make_fake_run()
 
     provenance = paths.evaluation_dir("vae") / "provenance.json"
     provenance.write_text(json.dumps({**json.loads(provenance.read_text()), "generation_samples_per_s": 1234.5,
                                       "generation_how": "model.sample(250)"}))
     html = build_report(report_workspace).read_text()
-    cost = html.split("<h2>Cost</h2>", 1)[1].split("<h2>", 1)[0]
+    cost = html.split('<h2 id="cost">Cost</h2>', 1)[1].split("<h2", 1)[0]
     vae_row = next(row for row in cost.split("<tr>") if row.startswith("<td>vae</td>"))
     assert "1234" in vae_row and "64" in vae_row and "100" in vae_row   # generation, training samples/s, RSS
     dcgan_row = next(row for row in cost.split("<tr>") if row.startswith("<td>dcgan</td>"))

@@ -70,7 +70,7 @@ def image_workspace(tmp_path, monkeypatch) -> Path:
 # --- a killed training step -------------------------------------------------------------------
 def test_training_killed_by_sigkill_resumes_to_the_same_weights(image_workspace):
     train = [sys.executable, "-m", "flows.cli", "train", "vae"]
-    state = image_workspace / ".runs" / "vae" / "state.pt"
+    state = image_workspace / ".runs" / "vae" / "seed-0" / "state.pt"
     process = subprocess.Popen(train, cwd=image_workspace, env=child_env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wait_for(state, process)
@@ -123,7 +123,7 @@ KILLED_SAVE = textwrap.dedent("""
 
 @pytest.mark.parametrize(("phase", "step_after_restart"), [("write", 1), ("rename", 2)])
 def test_a_kill_during_a_checkpoint_write_keeps_a_good_checkpoint(image_workspace, phase, step_after_restart):
-    state = image_workspace / ".runs" / "vae" / "state.pt"
+    state = image_workspace / ".runs" / "vae" / "seed-0" / "state.pt"
     marker = image_workspace / "killed-here"
     process = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(state), phase, str(marker)],
                                cwd=image_workspace, env=child_env(), text=True,

@@ -171,7 +171,7 @@ def test_a_killed_flow_run_is_marked_crashed_by_the_next_run(api_url, tmp_path):
     env = clean_env(repo, PREFECT_API_URL=api_url)
     flow = subprocess.Popen([PYTHON, "-m", "flows.pipeline"], cwd=repo, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    wait_until(lambda: (repo / ".runs" / "vae" / "state.pt").exists() or flow.poll() is not None, 300,
+    wait_until(lambda: (repo / ".runs" / "vae" / "seed-0" / "state.pt").exists() or flow.poll() is not None, 300,
                "training to be under way", every=0.2)
     assert flow.poll() is None, flow.stdout.read()[-3000:]
     record = json.loads((repo / ".runs" / "pipeline-run.json").read_text())

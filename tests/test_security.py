@@ -20,7 +20,7 @@ import yaml
 from tasks.checkpoints import CheckpointError, checksum_path, load_model, load_torch
 from tasks.report import build_report
 from tests.conftest import REPO_ROOT
-from tests.test_report import report_workspace  # noqa: F401 (a fixture)
+from tests.fake_run import make_fake_run
 
 
 class _WritesMarker:
@@ -78,8 +78,9 @@ class _LiveMarkup(html.parser.HTMLParser):
                 self.found.append(f"<{tag} {name}={value!r}>")
 
 
-def test_the_report_contains_no_live_markup_from_untrusted_text(report_workspace):  # noqa: F811
-    page = build_report(report_workspace).read_text()
+def test_the_report_contains_no_live_markup_from_untrusted_text(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    page = build_report(make_fake_run()).read_text()
     parser = _LiveMarkup()
     parser.feed(page)
     assert parser.found == []

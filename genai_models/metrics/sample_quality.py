@@ -152,20 +152,25 @@ def memorization_ratio(fake_to_train: np.ndarray, test_to_train: np.ndarray) -> 
 class RealReference:
     """The real side of every image metric, computed once.
 
-    test: (N, D) features of the real test split (the reference of every metric);
-    test_to_train: (N,) distance of each test image to its nearest training image;
-    train: (M, D) training-split features (the memorisation measure's reference).
+    test: (N, D) features of the real test images the k-NN metrics and KID compare against;
+    train: (M, D) features of training images, the memorisation measure's reference;
+    k: the k of the k-NN radii;
+    fid_mu, fid_sigma: FID statistics of the whole test split (default: those of ``test``).
     """
 
     test: np.ndarray
     train: np.ndarray
     k: int
+    fid_mu: np.ndarray | None = None
+    fid_sigma: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.test = np.asarray(self.test, np.float64)
         self.train = np.asarray(self.train, np.float64)
-        self.mu, self.sigma = features_to_stats(self.test)
-        self.sqrt_sigma = _psd_sqrt((self.sigma + self.sigma.T) / 2)
+        if self.fid_mu is None or self.fid_sigma is None:
+            self.fid_mu, self.fid_sigma = features_to_stats(self.test)
+        self.fid_sigma = (np.asarray(self.fid_sigma, np.float64) + np.asarray(self.fid_sigma, np.float64).T) / 2
+        self.sqrt_sigma = _psd_sqrt(self.fid_sigma)
         self.radii = knn_radii(pairwise_distances(self.test, self.test), self.k)
         self.kernel = polynomial_kernel(self.test, self.test)
         self.test_to_train = nearest_distances(self.test, self.train)
@@ -210,7 +215,7 @@ class SampleMetrics:
         fake_radii = np.partition(ff, self.ref.k, axis=1)[:, self.ref.k]
         metrics = manifold_metrics(self.real_fake[:, index], self.ref.radii, fake_radii, self.ref.k)
         mu, sigma = features_to_stats(features)
-        metrics["fid"] = _frechet_from_sqrt(self.ref.mu, self.ref.sigma, self.ref.sqrt_sigma, mu, sigma)
+        metrics["fid"] = frechet_distance_from_sqrt(self.ref.fid_mu, self.ref.fid_sigma, self.ref.sqrt_sigma, mu, sigma)
         kernel_ff, kernel_rf = self.kernel_ff[np.ix_(index, index)], self.kernel_rf[:, index]
         if plain:
             metrics["kid"], metrics["kid_std"] = _kid_from_kernels(
@@ -224,7 +229,7 @@ class SampleMetrics:
         return metrics
 
 
-def _frechet_from_sqrt(mu1: np.ndarray, sigma1: np.ndarray, sqrt_sigma1: np.ndarray, mu2: np.ndarray,
+def frechet_distance_from_sqrt(mu1: np.ndarray, sigma1: np.ndarray, sqrt_sigma1: np.ndarray, mu2: np.ndarray,
                        sigma2: np.ndarray) -> float:
     """``frechet_distance`` with sqrt(sigma1) already known (the real side of a bootstrap)."""
     sigma2 = (sigma2 + sigma2.T) / 2
