@@ -11,13 +11,15 @@ evaluation's seed and batch size, and prints:
 
 - ``score``: the Inception-style score exp E[KL(p(y|x) || p(y))] of the feature classifier's
   softmax (``models/feature_extractor``; maximum = number of classes, 10);
-- ``precision``, ``recall``, ``density``, ``coverage`` (k = 5) and ``fid`` in the classifier's
-  feature space against the 1,000 test images (``genai_models.metrics.sample_quality``);
-- ``plain_*``: the same for plain draws where the family's default sample is something else
-  (``GenerativeModel.plain_sampling``);
+- ``precision``, ``recall``, ``density``, ``coverage`` (k = ``evaluate.k_nearest``) and ``fid`` in
+  the classifier's feature space against the test images;
+  all measured by the evaluation step's own ``tasks.evaluate.ImageJudge`` on *plain* draws
+  (``GenerativeModel.plain_sampling``), the comparable numbers;
+- ``conf_*``: the same for the family's configured sampling where that is not plain (e.g. VAE
+  decoder means), what its sample grid shows;
 - ``bpd``: test NLL in bits/dim, exact or the tightest bound the family reports;
 - ``train_s`` (the training steps' own seconds, ``summary.json``), ``train_cpu_s`` (CPU
-  seconds of the whole train step, all threads), ``sample_s`` (wall seconds for the samples).
+  seconds of the whole train step, all threads), ``sample_s`` (wall seconds to draw and measure the plain samples).
 
 Data and the feature classifier are prepared once per workspace (``build/quality/shared``) with
 the real ``prepare`` and ``features`` steps. Results are appended to
@@ -46,8 +48,8 @@ from tasks.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 WORKSPACE = REPO / "build" / "quality"
-COLUMNS = ("score", "precision", "recall", "density", "coverage", "fid", "plain_score", "plain_coverage",
-           "plain_fid", "bpd", "train_s", "train_cpu_s", "sample_s")
+COLUMNS = ("score", "precision", "recall", "density", "coverage", "fid", "conf_score", "conf_coverage",
+           "conf_fid", "bpd", "train_s", "train_cpu_s", "sample_s")
 
 
 @contextlib.contextmanager
@@ -87,7 +89,7 @@ def prepare_shared(base: dict) -> Path:
     """Prepared images and the feature classifier, made once by the real steps."""
     from flows.cli import run
 
-    shared = WORKSPACE / "shared"
+    shared = WORKSPACE / "shared-v2"  # v2: the features step's output since issue 10
     shared.mkdir(parents=True, exist_ok=True)
     (shared / "params.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
     with working_directory(shared):
@@ -98,51 +100,35 @@ def prepare_shared(base: dict) -> Path:
     return shared
 
 
-class Reference:
-    """The classifier and the real side of every metric (test and train features), computed once."""
+def judge_for(shared: Path, config: Any):
+    """The evaluation step's ``ImageJudge`` on the shared feature network and real reference."""
+    from tasks.evaluate import ImageJudge
 
-    def __init__(self, shared: Path, config: Any) -> None:
-        from genai_models.feature_extractor import extract_features
-        from genai_models.metrics.sample_quality import RealReference
-        from tasks import data, paths
-        from tasks.features import load_extractor
+    with working_directory(shared):
+        return ImageJudge(config, torch.device("cpu"))
 
-        with working_directory(shared):
-            self.extractor = load_extractor(config, torch.device("cpu"))
-            test = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "test")[0])
-            train = torch.from_numpy(data.load_images(paths.IMAGE_DATA, "train")[0])
-        self.extract = lambda images: extract_features(self.extractor, images)  # noqa: E731
-        self.real = RealReference(self.extract(test).numpy(), self.extract(train).numpy(), k=5)
 
-    @torch.no_grad()
-    def metrics(self, images: torch.Tensor, seed: int) -> dict[str, float]:
-        from genai_models.metrics.sample_quality import SampleMetrics
-
-        features = self.extract(images)
-        probs = torch.softmax(self.extractor.head(features.float()), dim=1).double().numpy()
-        values = SampleMetrics(self.real, features.numpy(), probs, kid_subsets=10, kid_subset_size=500,
-                               seed=seed).compute()
-        return {"score": values["inception_score"], **{k: values[k] for k in
-                ("precision", "recall", "density", "coverage", "fid", "kid", "memorization")}}
+def sample_metrics(judge: Any, model: Any, count: int, seed: int) -> dict[str, float]:
+    """The evaluation's sample metrics of ``count`` draws (no intervals); ``score`` is the Inception-style one."""
+    values = judge.sample_metrics(model, count, seed, replicates=0, what=type(model).__name__).values
+    return {"score": values["inception_score"], **{k: v for k, v in values.items() if k != "inception_score"}}
 
 
 def headline_bits_per_dim(model, config: Any) -> tuple[float | None, dict[str, float]]:
-    """Test bits/dim: exact, else the tightest (lowest) bound the family reports."""
+    """Test bits/dim: exact, else the tightest bound the family reports (the report's headline)."""
     from tasks.evaluate import image_nll
 
     if not model.has_likelihood:
         return None, {}
-    metrics, _ = image_nll(model, config, model.device)
-    bits = {k: v for k, v in metrics.items() if k.startswith("bits_per_dim")}
-    return min(bits.values()), bits
+    values = image_nll(model, config, model.device).values
+    return values["nll_bits_per_dim"], {k: v for k, v in values.items() if k.startswith("bits_per_dim")}
 
 
-def measure(family: str, scale: float, params: dict, shared: Path, reference: Reference, samples: int,
+def measure(family: str, scale: float, params: dict, shared: Path, judge: Any, samples: int,
             tag: str, nll: bool = True) -> dict[str, Any]:
     """Train ``family`` with ``params`` in its own folder, then measure its samples and NLL."""
     from tasks.checkpoints import load_model
     from tasks.config import parse_params
-    from tasks.evaluate import draw_samples
     from tasks.train import train_family
 
     name = f"{family}-x{scale:g}" + (f"-{tag}" if tag else "")
@@ -161,16 +147,13 @@ def measure(family: str, scale: float, params: dict, shared: Path, reference: Re
         train_cpu = time.process_time() - cpu_start
         summary = json.loads((out / "summary.json").read_text())
         model = load_model(out / "model.pt")
-        seed, batch = config.seed, config.evaluate.batch_size
+        seed, plain = config.sample_seed, model.plain_sampling()
         start = time.perf_counter()
-        images = draw_samples(model, samples, batch, seed)
-        sample_seconds = time.perf_counter() - start
         row: dict[str, Any] = {"family": family, "scale": scale, "tag": tag, "steps": summary["steps"],
-                               **reference.metrics(images, seed)}
-        plain = model.plain_sampling()
+                               **sample_metrics(judge, plain or model, samples, seed)}
+        sample_seconds = time.perf_counter() - start  # drawing and measuring
         if plain is not None:
-            plain_metrics = reference.metrics(draw_samples(plain, samples, batch, seed), seed)
-            row.update({f"plain_{k}": v for k, v in plain_metrics.items()})
+            row.update({f"conf_{k}": v for k, v in sample_metrics(judge, model, samples, seed).items()})
         start = time.perf_counter()
         row["bpd"], row["bits"] = headline_bits_per_dim(model, config) if nll else (None, {})
         row.update(train_s=summary["train_seconds"], train_cpu_s=round(train_cpu, 1),
@@ -222,18 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"not image families of {args.params}: {', '.join(unknown)}")
     shared = prepare_shared(base)
-    reference = Reference(shared, config)
+    judge = judge_for(shared, config)
     rows = []
     for family in families:
         for scale in args.steps_scale:
-            row = measure(family, scale, run_params(base, family, scale, args.set), shared, reference,
+            row = measure(family, scale, run_params(base, family, scale, args.set), shared, judge,
                           args.samples, args.tag, nll=not args.no_nll)
             rows.append(row)
             with open(WORKSPACE / "results.jsonl", "a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(format_table([row]).splitlines()[-1], flush=True)
     table = format_table(rows)
-    how = (f"{args.samples} samples per run vs {reference.real.test.shape[0]} test images; feature classifier of "
+    how = (f"{args.samples} plain samples per run (conf_: the configured sampling) vs "
+           f"{judge.reference.test.shape[0]} test images; feature classifier of "
            f"{shared / 'models/feature_extractor'}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
            f"load average {os.getloadavg()[0]:.1f} at the end")
     print("\n" + table + "\n\n" + how)

@@ -186,3 +186,23 @@ def test_vae_decoder_mean_is_the_mean_of_the_discretized_logistic():
     # a wide logistic's mass is clipped into the edge bins: its mean is not its location
     mean = discretized_logistic_mean(location, log_scale)
     assert mean[0] > 0 > location[0] and mean[2] > location[2] + 10
+
+
+def test_vae_kl_warmup_weights_the_kl_only_in_training_and_only_at_first():
+    fam = REGISTRY["vae"]
+    torch.manual_seed(0)
+    model = fam.build(fam.config_class(**TINY_CONFIGS["vae"], kl_warmup_steps=4), TINY_IMAGE)
+    batch, settings = tiny_batch("image"), TrainSettings(learning_rate=1e-3)
+    optimizers, precision = model.configure_optimizers(settings), Precision(torch.device("cpu"), enabled=False)
+    weights = []
+    for _ in range(6):
+        weights.append(float(model.kl_weight()))
+        torch.manual_seed(1)
+        terms = model.loss(batch)
+        assert torch.allclose(terms["loss"], terms["reconstruction"] + weights[-1] * terms["kl"])
+        model.training_step(batch, optimizers, precision, settings)
+    assert weights == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0] and int(model.training_steps) == 6
+    model.training_steps.zero_()
+    model.eval()  # validation and bounds: the full ELBO whatever the step
+    terms = model.loss(batch)
+    assert torch.allclose(terms["loss"], terms["elbo"])
