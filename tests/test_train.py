@@ -21,7 +21,7 @@ def tiny_params(steps: int = 6, checkpoint_every: int = 3) -> dict:
     params["data"]["text"]["max_train"] = 200
     for name, block in params["families"].items():
         block["model"] = dict(TINY_CONFIGS[name])
-        block["train"].update(steps=steps, batch_size=16, log_every=2, checkpoint_every=checkpoint_every,
+        block["train"].update(steps=steps, batch_size=16, log_every=1, checkpoint_every=checkpoint_every,
                               num_samples=4, warmup_steps=min(block["train"].get("warmup_steps", 0), 2))
     return params
 
