@@ -5,8 +5,10 @@ linear beta schedule, epsilon prediction trained with L_simple, ancestral sampli
 2, reverse variance sigma_t^2 = beta_t), the variational bound with a discretized Gaussian
 decoder at t = 1 (Eq. 5 and 13). Deterministic sampler: Song, Meng & Ermon, "Denoising
 Diffusion Implicit Models", ICLR 2021 (arXiv:2010.02502), Eq. 12 (eta = 0 is deterministic).
-Fewer sampling steps than training steps: the respacing of Nichol & Dhariwal, "Improved
-Denoising Diffusion Probabilistic Models", ICML 2021 (arXiv:2102.09672), Sec. 4.
+Fewer sampling steps than training steps, and the cosine noise schedule (``beta_schedule:
+cosine``, Eq. 17): Nichol & Dhariwal, "Improved Denoising Diffusion Probabilistic Models", ICML
+2021 (arXiv:2102.09672), Sec. 3.2 and 4. Self-attention at the lowest U-Net resolution
+(``attention: true``), as in Ho et al. (at 16x16) after the PixelCNN++ / Transformer block.
 
 The three pieces are kept apart: ``UNet`` (the network eps_theta(x_t, t)), ``NoiseSchedule``
 (betas and everything derived from them, plus the bound's terms) and the samplers
@@ -35,8 +37,10 @@ from genai_models.base import GenerativeModel, ImageSpec, check_sizes, images_to
 class DDPMConfig:
     base_channels: int = 16        # U-Net width at full resolution (x2 at the two lower ones)
     num_train_timesteps: int = 1000
-    beta_start: float = 1e-4       # for 1000 steps; scaled by 1000 / num_train_timesteps
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = 1e-4       # linear: for 1000 steps; scaled by 1000 / num_train_timesteps
     beta_end: float = 0.02
+    attention: bool = False        # a self-attention block at the lowest resolution (H/4)
     sampler: Literal["ancestral", "ddim"] = "ddim"
     sample_steps: int = 10         # <= num_train_timesteps; fewer steps respace the schedule
     ddim_eta: float = 0.0          # 0: deterministic DDIM; 1: DDPM-like noise
@@ -52,6 +56,8 @@ class DDPMConfig:
         if self.sample_steps > self.num_train_timesteps:
             raise ValueError(f"sample_steps must be <= num_train_timesteps ({self.num_train_timesteps}), "
                              f"got {self.sample_steps}")
+        if self.beta_schedule not in ("linear", "cosine"):
+            raise ValueError(f"beta_schedule must be 'linear' or 'cosine', got {self.beta_schedule!r}")
         if self.sampler not in ("ancestral", "ddim"):
             raise ValueError(f"sampler must be 'ancestral' or 'ddim', got {self.sampler!r}")
         if self.ddim_eta < 0:
@@ -81,14 +87,38 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
 
+class SelfAttention(nn.Module):
+    """Single-head self-attention over the H*W positions, residual: (B, C, H, W) -> (B, C, H, W).
+
+    GroupNorm, 1x1 query/key/value, softmax(q k^T / sqrt(C)) v, a 1x1 output projection that
+    starts near zero (the block starts close to the identity, as Ho et al.'s zero-initialised one;
+    small rather than zero so that every weight gets a gradient at step 1).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(4, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.normal_(self.out.weight, std=1e-3)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)  # (B, HW, C) each
+        attended = F.scaled_dot_product_attention(q, k, v)                            # (B, HW, C)
+        return x + self.out(attended.transpose(1, 2).reshape(b, c, h, w))
+
+
 class UNet(nn.Module):
     """eps_theta: (B, C, H, W) noisy images and (B,) timesteps -> (B, C, H, W) predicted noise.
 
     Three resolutions (H, H/2, H/4) with widths (ch, 2ch, 2ch), one residual block per level
-    on the way down and up, skip connections by concatenation; no attention (small images).
+    on the way down and up, skip connections by concatenation; with ``attention``, a
+    self-attention block after the middle residual block (H/4, e.g. 7x7 = 49 positions).
     """
 
-    def __init__(self, channels: int, ch: int) -> None:
+    def __init__(self, channels: int, ch: int, attention: bool = False) -> None:
         super().__init__()
         self.ch, emb = ch, 4 * ch
         self.time = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -98,6 +128,7 @@ class UNet(nn.Module):
         self.down2 = ResBlock(2 * ch, 2 * ch, emb)
         self.pool2 = nn.Conv2d(2 * ch, 2 * ch, 3, stride=2, padding=1)       # (B, 2ch, H/4, W/4)
         self.mid = ResBlock(2 * ch, 2 * ch, emb)
+        self.mid_attention = SelfAttention(2 * ch) if attention else nn.Identity()
         self.up2 = ResBlock(4 * ch, 2 * ch, emb)                             # after concat at H/2
         self.up1 = ResBlock(3 * ch, ch, emb)                                 # after concat at H
         self.out = nn.Sequential(nn.GroupNorm(4, ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
@@ -106,7 +137,7 @@ class UNet(nn.Module):
         emb = self.time(timestep_embedding(t, self.ch))
         h1 = self.down1(self.inp(x), emb)
         h2 = self.down2(self.pool1(h1), emb)
-        h = self.mid(self.pool2(h2), emb)
+        h = self.mid_attention(self.mid(self.pool2(h2), emb))
         h = self.up2(torch.cat([F.interpolate(h, size=h2.shape[-2:]), h2], dim=1), emb)
         h = self.up1(torch.cat([F.interpolate(h, size=h1.shape[-2:]), h1], dim=1), emb)
         return self.out(h)
@@ -118,13 +149,29 @@ def _gather(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return values.to(t.device)[t].view(-1, 1, 1, 1)
 
 
-class NoiseSchedule(nn.Module):
-    """Linear betas; index i = 0..T-1 is the paper's t = i + 1. Buffers are float64-derived."""
+def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """Ho et al.'s linear betas (T,), float64; scaled by 1000 / T so alpha_bar_T stays near the 1000-step one."""
+    scale = 1000.0 / num_timesteps
+    return torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
 
-    def __init__(self, num_timesteps: int, beta_start: float, beta_end: float) -> None:
+
+def cosine_betas(num_timesteps: int, offset: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal Eq. 17: alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s) * pi / 2).
+
+    beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1), (T,) float64 (clipped at 0.999 by the caller).
+    """
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((steps + offset) / (1 + offset) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    return 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+
+
+class NoiseSchedule(nn.Module):
+    """Betas (linear or cosine); index i = 0..T-1 is the paper's t = i + 1. Buffers are float64-derived."""
+
+    def __init__(self, num_timesteps: int, beta_start: float, beta_end: float, kind: str = "linear") -> None:
         super().__init__()
-        scale = 1000.0 / num_timesteps  # keeps alpha_bar_T close to the 1000-step schedule's
-        betas = torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
+        betas = cosine_betas(num_timesteps) if kind == "cosine" else linear_betas(num_timesteps, beta_start, beta_end)
         betas = betas.clamp(max=0.999)  # very short schedules would reach beta = 1 (Nichol & Dhariwal)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -273,8 +320,9 @@ class DDPM(GenerativeModel):
         super().__init__(config, spec)
         if spec.height % 4 or spec.width % 4:
             raise ValueError(f"DDPM's U-Net needs image sides divisible by 4, got {spec.height}x{spec.width}")
-        self.denoiser = UNet(spec.channels, config.base_channels)
-        self.schedule = NoiseSchedule(config.num_train_timesteps, config.beta_start, config.beta_end)
+        self.denoiser = UNet(spec.channels, config.base_channels, config.attention)
+        self.schedule = NoiseSchedule(config.num_train_timesteps, config.beta_start, config.beta_end,
+                                      config.beta_schedule)
 
     def loss(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """L_simple: mean squared error of the predicted noise, per pixel, t ~ U{1..T}."""

@@ -30,8 +30,11 @@ reported bound worse, never better. Samples are y ~ p, x = floor(256 y) clipped 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -48,10 +51,15 @@ class GMMConfig:
     init_std: float = 0.3         # noise std of every pixel before the data-dependent initialisation
     min_std: float = 0.002        # floor of the noise std (pixel range 0..1)
     variance_lr_scale: float = 30.0
+    # What ``sample`` returns: y = mu + W z + Psi^(1/2) eps (``draw``, the model's distribution) or
+    # y = mu + W z without the per-pixel noise (``denoised``, how MFA samples are usually shown).
+    sample_mode: Literal["draw", "denoised"] = "draw"
 
     def __post_init__(self) -> None:
         check_sizes(self, {"num_components": 10_000, "latent_dim": 1024, "init_std": 1e3, "min_std": 1e3,
                            "variance_lr_scale": 1e6})
+        if self.sample_mode not in ("draw", "denoised"):
+            raise ValueError(f"sample_mode must be 'draw' or 'denoised', got {self.sample_mode!r}")
 
 
 def mfa_log_density(y: torch.Tensor, logits: torch.Tensor, means: torch.Tensor, factors: torch.Tensor,
@@ -136,12 +144,27 @@ class GMM(DequantizedDensityModel):
 
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        """Component ~ pi, y = mu + W z + Psi^(1/2) eps, then the pixel bin of y."""
+        """Component ~ pi, y = mu + W z + Psi^(1/2) eps (no eps term when ``denoised``), then the pixel bin of y."""
         device = generator.device
         component = torch.multinomial(torch.softmax(self.logits.detach().to(device), 0), num_samples,
                                       replacement=True, generator=generator).to(self.device)  # (N,)
         z = torch.randn(num_samples, self.config.latent_dim, 1, generator=generator, device=device).to(self.device)
         eps = torch.randn(num_samples, self.spec.num_dims, generator=generator, device=device).to(self.device)
+        if self.config.sample_mode == "denoised":
+            eps = torch.zeros_like(eps)  # drawn all the same: both modes use the generator alike
         y = self.means[component] + (self.factors[component] @ z).squeeze(-1) + self._log_std()[component].exp() * eps
         shape = (num_samples, self.spec.channels, self.spec.height, self.spec.width)
         return (y * 256).floor().clamp(0, 255).to(torch.uint8).view(shape)
+
+    def describe_sampling(self) -> str:
+        if self.config.sample_mode == "denoised":
+            return "mu_k + W_k z of a component k ~ pi and z ~ N(0, I), without the per-pixel noise Psi_k"
+        return "draws y ~ p (component, factors and per-pixel noise), x = floor(256 y)"
+
+    def plain_sampling(self) -> "GMM | None":
+        """Draws with the per-pixel noise when ``sample`` leaves it out; the same weights."""
+        if self.config.sample_mode == "draw":
+            return None
+        plain = copy.copy(self)  # shares the parameters; only the config differs
+        plain.config = dataclasses.replace(self.config, sample_mode="draw")
+        return plain

@@ -23,6 +23,8 @@ a pure function of its input (train and eval modes agree), which the property te
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -43,10 +45,13 @@ class RealNVPConfig:
     # Evaluation: k of the importance-weighted dequantization bound is min(evaluate.iw_samples, this);
     # each draw costs a full pass through the flow.
     max_importance_samples: int = 4
+    # Samples are z ~ N(0, T^2 I) through the inverse flow; T = 1 is the model's own distribution,
+    # T < 1 the "reduced temperature" of Kingma & Dhariwal (Glow, 2018), sharper and less diverse.
+    sample_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         check_sizes(self, {"num_scales": 8, "hidden_channels": 4096, "num_blocks": 64, "final_couplings": 64,
-                           "max_importance_samples": 100_000})
+                           "max_importance_samples": 100_000, "sample_temperature": 100.0})
         if not 0.0 <= self.logit_alpha < 0.5:
             raise ValueError(f"logit_alpha must be in [0, 0.5), got {self.logit_alpha}")
 
@@ -200,9 +205,23 @@ class RealNVP(DequantizedDensityModel):
 
     @torch.no_grad()
     def sample(self, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-        """z ~ N(0, I) through the inverse flow and the inverse logit, then the pixel bin of y."""
-        z = torch.randn(num_samples, self.spec.num_dims, generator=generator, device=generator.device)
+        """z ~ N(0, T^2 I) through the inverse flow and the inverse logit, then the pixel bin of y."""
+        z = self.config.sample_temperature * torch.randn(num_samples, self.spec.num_dims, generator=generator,
+                                                         device=generator.device)
         s = self.flow.inverse(z.to(self.device), (self.spec.channels, self.spec.height, self.spec.width))
         a = self.config.logit_alpha
         y = (torch.sigmoid(s) - a) / (1 - 2 * a)
         return (y * 256).floor().clamp(0, 255).to(torch.uint8)
+
+    def describe_sampling(self) -> str:
+        t = self.config.sample_temperature
+        return "draws: z ~ N(0, I) through the inverse flow" if t == 1.0 else \
+            f"z ~ N(0, {t:g}^2 I) (temperature {t:g}) through the inverse flow"
+
+    def plain_sampling(self) -> "RealNVP | None":
+        """Temperature-1 draws when ``sample`` uses another temperature; the same weights."""
+        if self.config.sample_temperature == 1.0:
+            return None
+        plain = copy.copy(self)  # shares the flow; only the config differs
+        plain.config = dataclasses.replace(self.config, sample_temperature=1.0)
+        return plain

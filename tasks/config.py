@@ -117,9 +117,18 @@ class TrainConfig(_Strict):
         if isinstance(value, int) and not 1 <= value <= 1024:
             raise ValueError("must be a number of processes from 1 to 1024, or 'all' (one per GPU), or null")
         return value
+    # Learning rate: linear warm-up over warmup_steps, then constant or decayed to 0 at `steps`
+    # (genai_models/schedules.py). Applies to every optimizer of the family.
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    # EMA of the weights (genai_models/ema.py); when set, the averaged weights are what is validated,
+    # sampled, evaluated and saved. null: the last weights.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _best_needs_eval(self) -> "TrainConfig":
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         if self.keep_best and not self.eval_every:
             raise ValueError("keep_best needs eval_every: validation loss is only measured every eval_every steps")
         if self.eval_every and self.eval_every % self.log_every:  # the val loss goes into a logged curve row

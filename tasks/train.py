@@ -6,6 +6,7 @@ interface, so it never asks which family it is training.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 
 from genai_models.base import DataSpec, GenerativeModel, Precision, TrainSettings, config_to_dict
+from genai_models.ema import ModelEMA
+from genai_models.schedules import lr_schedulers
 from genai_models.registry import get_family
 from tasks import data, distributed, paths
 from tasks.checkpoints import (
@@ -155,6 +158,9 @@ class Trainer:
         self.model: GenerativeModel = self._build_model()
         self.settings = _settings(self.train_config)
         self.optimizers = self.model.configure_optimizers(self.settings)
+        cfg = self.train_config
+        self.schedulers = lr_schedulers(self.optimizers, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
+        self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.precision = Precision(self.device, config.mixed_precision)
         self.loss_fn = parallel.wrap_loss(self.model)  # DDP across processes; None: the model's own loss
         self.state_dir = state_dir if state_dir is not None else paths.RUN_STATE / family / f"seed-{self.seed}"
@@ -213,6 +219,8 @@ class Trainer:
             "train_seconds": self.train_seconds, "quality_seconds": self.quality_seconds, "best": self.best,
             "model": self.model.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
+            "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.precision.scaler.state_dict(),
             "cpu_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
@@ -233,6 +241,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         for optimizer, saved in zip(self.optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
         self.precision.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["cpu_rng"].cpu())
         if state["cuda_rng"]:
@@ -254,8 +266,7 @@ class Trainer:
                 torch.manual_seed(self.parallel.step_seed(self.seed, self.step))
             terms = self.model.training_step(self.next_batch(), self.optimizers, self.precision, self.settings,
                                              **step_options)
-            # Per-step additions (an EMA update, a learning-rate scheduler step) belong here: device-side
-            # work only, no value read back to the host.
+            self._after_step()  # device-side work only (LR schedule, EMA): no value read back to the host
             self._window.append(terms)
             self.step += 1
             if self._window_ends(total):
@@ -313,24 +324,45 @@ class Trainer:
             )
         return dict(zip(names, values[-1].tolist()))
 
+    def _after_step(self) -> None:
+        """Per-step additions after the optimizer steps: the learning-rate schedule, the EMA.
+
+        Both only write on the device (or into Python floats): no value is read back to the host.
+        """
+        for scheduler in self.schedulers:
+            scheduler.step()
+        if self.ema:
+            self.ema.update(self.model)
+
+    def weights_in_use(self) -> contextlib.AbstractContextManager:
+        """Inside the block the model holds the weights that would be saved now (the EMA, when on)."""
+        return self.ema.swapped_in(self.model) if self.ema else contextlib.nullcontext()
+
     def _validate_and_track_best(self) -> None:
-        """The validation hook, run every ``eval_every`` steps (on the main process): validation loss
-        (and image families' sample quality) into the curve's last row; with keep_best, remember the
-        best weights so far."""
-        val_loss = self.validation_loss()
-        self.curve[-1]["val_loss"] = round(val_loss, 6)
-        log.info("%s step %d  validation loss %.4g", self.family, self.step, val_loss)
-        if self.model.modality == "image":
-            started = time.perf_counter()
-            self.quality = self.quality or QualityCurve(self.config, self.device)
-            quality = self.quality.measure(self.model)
-            self.quality_seconds += time.perf_counter() - started
-            self.curve[-1].update({name: round(value, 6) for name, value in quality.items()})
-            log.info("%s step %d  %s", self.family, self.step,
-                     "  ".join(f"{name} {value:.4g}" for name, value in quality.items()))
-        if self.train_config.keep_best and (self.best is None or val_loss < self.best["val_loss"]):
-            weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-            self.best = {"step": self.step, "val_loss": val_loss, "weights": weights}
+        """Validation loss and image families' sample quality (of the weights in use: the EMA when on)
+        into the curve; with keep_best, remember the best weights so far."""
+        with self.weights_in_use():
+            val_loss = self.validation_loss()
+            self.curve[-1]["val_loss"] = round(val_loss, 6)
+            log.info("%s step %d  validation loss %.4g", self.family, self.step, val_loss)
+            if self.model.modality == "image":
+                started = time.perf_counter()
+                self.quality = self.quality or QualityCurve(self.config, self.device)
+                quality = self.quality.measure(self.model)
+                self.quality_seconds += time.perf_counter() - started
+                self.curve[-1].update({name: round(value, 6) for name, value in quality.items()})
+                log.info("%s step %d  %s", self.family, self.step,
+                         "  ".join(f"{name} {value:.4g}" for name, value in quality.items()))
+            if self.train_config.keep_best and (self.best is None or val_loss < self.best["val_loss"]):
+                weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                self.best = {"step": self.step, "val_loss": val_loss, "weights": weights}
+
+    def finish(self) -> None:
+        """The weights to save: the EMA when on, then (keep_best) the best validated ones."""
+        if self.ema:
+            self.ema.copy_to(self.model)
+            log.info("%s: using the EMA of the weights (decay %g)", self.family, self.ema.decay)
+        self.restore_best()
 
     def restore_best(self) -> None:
         """With keep_best: load the weights of the lowest validation loss seen."""
@@ -466,7 +498,7 @@ def _train_family(config: PipelineConfig, family: str) -> Path | None:
         for seed in seeds:
             trainer = fit_seed(config, family, seed, parallel)
             trainer.save_state()  # kept until the outputs are in place: a failed write or seed loses no training
-            trainer.restore_best()
+            trainer.finish()
             trainer.after_fit_seconds = trainer.after_fit()
             val_loss = trainer.validation_loss()
             log.info("%s (seed %d): validation loss %.4g", family, seed, val_loss)

@@ -35,7 +35,8 @@ def tiny_pipeline_params() -> dict:
     params["features"]["classifier"]["steps"] = 40
     for name, block in params["families"].items():
         block["model"] = dict(TINY_CONFIGS[name])
-        block["train"].update(steps=10, batch_size=32, log_every=5, checkpoint_every=5, num_samples=16, eval_every=10)
+        block["train"].update(steps=10, batch_size=32, log_every=5, checkpoint_every=5, num_samples=16, eval_every=10,
+                              warmup_steps=min(block["train"].get("warmup_steps", 0), 2))
         block["train"].pop("keep_best", None)
     params["evaluate"].update(num_image_samples=100, iw_samples=4, num_text_samples=20, batch_size=50,
                               bootstrap=20, curve_samples=30, kid_subsets=5, kid_subset_size=50)

@@ -45,6 +45,12 @@ def test_shipped_params_are_valid(raw_params):
         (lambda p: p["families"]["transformer_lm"]["model"].update(d_model=30), "divisible by num_heads"),
         (lambda p: p["families"]["vae"]["train"].update(log_every=100, eval_every=50),
          "eval_every (50) must be a multiple of log_every (100)"),
+        (lambda p: p["families"]["ddpm"]["train"].update(lr_schedule="exponential"),
+         "families.ddpm.train.lr_schedule: Input should be 'constant', 'cosine' or 'linear'"),
+        (lambda p: p["families"]["ddpm"]["train"].update(warmup_steps=10**9),
+         f"warmup_steps (1000000000) must be below steps"),
+        (lambda p: p["families"]["dcgan"]["train"].update(ema_decay=1.0),
+         "families.dcgan.train.ema_decay: Input should be less than 1 (got 1.0)"),
     ],
 )
 def test_bad_params_name_the_key_and_value(raw_params, change, expected):

@@ -150,3 +150,62 @@ def test_vae_kl_is_zero_for_a_standard_normal_and_matches_torch_distributions():
     mu, logvar = torch.randn(5, 4), torch.randn(5, 4)
     expected = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(-1)
     assert torch.allclose(kl_to_standard_normal(mu, logvar), expected, atol=1e-5)
+
+
+# Families whose ``sample`` can be something other than a plain draw: the setting that does it.
+NOT_PLAIN = {"vae": {"sample_mode": "mean"}, "gmm": {"sample_mode": "denoised"},
+             "realnvp": {"sample_temperature": 0.7}}
+
+
+@pytest.mark.parametrize("family", sorted(NOT_PLAIN))
+def test_plain_sampling_draws_plainly_from_the_same_weights(family):
+    fam = REGISTRY[family]
+    torch.manual_seed(0)
+    model = fam.build(fam.config_class(**{**TINY_CONFIGS[family], **NOT_PLAIN[family]}), TINY_IMAGE).eval()
+    plain = model.plain_sampling()
+    assert plain is not None and plain is not model and plain.plain_sampling() is None
+    assert all(p is q for p, q in zip(model.parameters(), plain.parameters()))  # the same weights
+    assert model.describe_sampling() != plain.describe_sampling()
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    shown, drawn = model.sample(64, generator()), plain.sample(64, generator())
+    assert shown.shape == drawn.shape and shown.dtype == drawn.dtype == torch.uint8
+    assert not torch.equal(shown, drawn)
+    # plain draws carry the model's own noise: more spread around the same weights' structure
+    assert drawn.float().std(0).mean() > shown.float().std(0).mean()
+    assert torch.equal(model.sample(64, generator()), shown)  # making the plain copy changed nothing
+
+
+
+def test_vae_decoder_mean_is_the_mean_of_the_discretized_logistic():
+    from genai_models.metrics.likelihood import discretized_logistic_log_prob
+    from genai_models.vae import discretized_logistic_mean
+
+    location = torch.tensor([-40.0, 0.0, 60.0, 127.5, 250.0, 300.0])
+    log_scale = torch.tensor([3.0, 0.0, 4.0, 1.0, 2.0, 0.5])
+    levels = torch.arange(256.0)[:, None]
+    probs = discretized_logistic_log_prob(levels.expand(256, 6), location, log_scale).exp()  # (256, 6)
+    assert torch.allclose(probs.sum(0), torch.ones(6), atol=1e-5)
+    assert torch.allclose(discretized_logistic_mean(location, log_scale), (levels * probs).sum(0), atol=1e-3)
+    # a wide logistic's mass is clipped into the edge bins: its mean is not its location
+    mean = discretized_logistic_mean(location, log_scale)
+    assert mean[0] > 0 > location[0] and mean[2] > location[2] + 10
+
+
+def test_vae_kl_warmup_weights_the_kl_only_in_training_and_only_at_first():
+    fam = REGISTRY["vae"]
+    torch.manual_seed(0)
+    model = fam.build(fam.config_class(**TINY_CONFIGS["vae"], kl_warmup_steps=4), TINY_IMAGE)
+    batch, settings = tiny_batch("image"), TrainSettings(learning_rate=1e-3)
+    optimizers, precision = model.configure_optimizers(settings), Precision(torch.device("cpu"), enabled=False)
+    weights = []
+    for _ in range(6):
+        weights.append(float(model.kl_weight()))
+        torch.manual_seed(1)
+        terms = model.loss(batch)
+        assert torch.allclose(terms["loss"], terms["reconstruction"] + weights[-1] * terms["kl"])
+        model.training_step(batch, optimizers, precision, settings)
+    assert weights == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0] and int(model.training_steps) == 6
+    model.training_steps.zero_()
+    model.eval()  # validation and bounds: the full ELBO whatever the step
+    terms = model.loss(batch)
+    assert torch.allclose(terms["loss"], terms["elbo"])

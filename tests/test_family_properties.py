@@ -140,6 +140,31 @@ def test_linear_schedule_has_the_known_values_of_ho_et_al():
     assert schedule.posterior_variance[0] == 0 and (schedule.posterior_variance[1:] < schedule.betas[1:]).all()
 
 
+def test_cosine_schedule_follows_nichol_and_dhariwal():
+    schedule = NoiseSchedule(1000, 1e-4, 0.02, kind="cosine")
+    s, t = 0.008, np.arange(1, 1001) / 1000
+    f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731  (their Eq. 17)
+    a_bar = schedule.alphas_cumprod.double().numpy()
+    # every step but the last, where beta is clipped at 0.999 (their Sec. 3.2)
+    assert np.allclose(a_bar[:-1], (f(t) / f(0))[:-1], rtol=1e-5, atol=1e-9)
+    assert schedule.betas[-1].item() == pytest.approx(0.999) and (schedule.betas.double().diff() > 0).all()
+    # slower start than the linear schedule: less noise at every early step
+    linear = NoiseSchedule(1000, 1e-4, 0.02)
+    assert (schedule.alphas_cumprod[:500] > linear.alphas_cumprod[:500]).all()
+
+
+def test_unet_attention_block_starts_as_the_identity_and_then_mixes_positions():
+    from genai_models.ddpm import SelfAttention
+
+    torch.manual_seed(0)
+    block, x = SelfAttention(8), torch.randn(2, 8, 3, 3)
+    assert torch.allclose(block(x), x, atol=0.05)  # a near-zero output projection: close to the identity
+    torch.nn.init.normal_(block.out.weight)
+    y = x.clone().requires_grad_(True)
+    block(y)[0, :, 0, 0].sum().backward()
+    assert (y.grad[0].abs().sum(0) > 0).all() and (y.grad[1] == 0).all()  # all positions, same image only
+
+
 def test_sampling_timesteps_cover_the_schedule():
     assert sampling_timesteps(1000, 1000) == list(range(1000))
     steps = sampling_timesteps(1000, 10)

@@ -27,7 +27,8 @@ def tiny_params(steps: int = 6, checkpoint_every: int = 3) -> dict:
         text = REGISTRY[name].modality == "text"
         block["train"].update(steps=steps, batch_size=16, log_every=2, checkpoint_every=checkpoint_every,
                               num_samples=4, eval_every=2 if text else None,
-                              keep_best=bool(block["train"].get("keep_best")) and text)
+                              keep_best=bool(block["train"].get("keep_best")) and text,
+                              warmup_steps=min(block["train"].get("warmup_steps", 0), 2))
     return params
 
 
@@ -48,10 +49,17 @@ def test_batch_indices_cover_each_epoch_once_and_depend_only_on_the_step():
     assert not torch.equal(batch_indices(0, 10, 3, seed=0), batch_indices(3, 10, 3, seed=0))
 
 
+RECIPES = {"plain": {}, "ema+cosine": {"ema_decay": 0.9, "lr_schedule": "cosine", "warmup_steps": 2}}
+
+
 # wgan_gp and gmm keep a host copy of a buffer (critic steps, initialised) that a resume must re-read.
-@pytest.mark.parametrize("family", ["vae", "dcgan", "transformer_lm", "wgan_gp", "gmm", "hmm", "rbm"])
-def test_resumed_training_ends_with_the_same_weights(workspace, family, monkeypatch):
-    config = parse_params(tiny_params(steps=6, checkpoint_every=3))
+@pytest.mark.parametrize(("family", "recipe"), [(name, "plain") for name in ("vae", "dcgan", "transformer_lm", "wgan_gp",
+                                                                             "gmm", "hmm", "rbm")]
+                         + [("dcgan", "ema+cosine"), ("wgan_gp", "ema+cosine")])
+def test_resumed_training_ends_with_the_same_weights(workspace, family, recipe, monkeypatch):
+    params = tiny_params(steps=6, checkpoint_every=3)
+    params["families"][family]["train"].update(RECIPES[recipe])
+    config = parse_params(params)
     uninterrupted = Trainer(config, family)
     uninterrupted.fit()
 
@@ -73,6 +81,12 @@ def test_resumed_training_ends_with_the_same_weights(workspace, family, monkeypa
     resumed.fit()
     for (name, a), b in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), f"{family}: {name} differs after resume"
+    if RECIPES[recipe]:
+        for name, value in uninterrupted.ema.averaged.items():
+            assert torch.equal(value, resumed.ema.averaged[name]), f"{family}: EMA of {name} differs after resume"
+        assert resumed.ema.num_updates == 6
+        rates = [[g["lr"] for opt in t.optimizers for g in opt.param_groups] for t in (uninterrupted, resumed)]
+        assert rates[0] == rates[1] and rates[0][0] < config.families[family].train.learning_rate
 
 
 def test_state_from_another_config_is_not_resumed(workspace):
@@ -143,6 +157,29 @@ def test_train_family_writes_checkpoint_curve_samples_and_summary(workspace):
         assert summary["steps"] == 4 and summary["train_samples_per_s"] > 0 and summary["wall_s"] > 0
         assert (out / "loss.csv").read_text().splitlines()[0].startswith("step,loss")
         assert not list((paths.RUN_STATE / family).rglob("state.pt"))
+
+
+def test_with_ema_the_average_is_validated_and_saved(workspace):
+    from tasks.checkpoints import load_model
+
+    params = tiny_params(steps=4)
+    params["families"]["transformer_lm"]["train"].update(ema_decay=0.5, eval_every=2, keep_best=True)
+    params["families"]["dcgan"]["train"].update(ema_decay=0.5)
+    config = parse_params(params)
+    trainer = Trainer(config, "transformer_lm")
+    trainer.fit()
+    live = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with trainer.weights_in_use():
+        ema_val_loss = trainer.validation_loss()
+    assert trainer.validation_loss() != ema_val_loss  # the average is not the last weights
+    assert trainer.curve[-1]["val_loss"] == round(ema_val_loss, 6)  # validation saw the average
+    assert trainer.best["step"] in (2, 4) and trainer.best["val_loss"] <= ema_val_loss
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in live.items())  # and gave them back
+
+    gan = Trainer(config, "dcgan")
+    gan.fit()
+    saved = load_model(train_family(config, "dcgan") / "model.pt").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in gan.ema.averaged.items())  # the same run's average
 
 
 def test_image_grid_tiles_like_torchvision_make_grid():
