@@ -48,19 +48,31 @@ class ImageDataConfig(_Strict):
 
 
 class TextDataConfig(_Strict):
-    dataset: Literal["lee-news", "file"] = "lee-news"
-    path: str | None = None  # dataset 'file': one sentence per line
+    dataset: Literal["lee-news", "file", "jsonl"] = "lee-news"
+    path: str | None = None  # file: one sentence per line; jsonl: one JSON object per line
+    text_field: str | None = Field(None, min_length=1)  # jsonl: the field holding the text (default "text")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
-    min_freq: int = Field(2, ge=1)
-    max_tokens: int = Field(32, ge=2)  # sentences longer than this are dropped
-    min_tokens: int = Field(3, ge=1)
+    # word: one token per word seen min_freq times in train, others <unk>; char: one per character;
+    # bpe: byte-pair-encoding subwords learnt on train (Hugging Face tokenizers), vocab_size ids.
+    tokenizer: Literal["word", "char", "bpe"] = "bpe"
+    vocab_size: int = Field(2000, ge=16, le=1_000_000)  # bpe only
+    min_freq: int = Field(2, ge=1)  # word: rarer words are <unk>; char: rarer characters; bpe: rarer pairs not merged
+    max_tokens: int = Field(32, ge=2)  # in words: longer sentences are dropped (the same sentences for every tokenizer)
+    min_tokens: int = Field(3, ge=1)   # in words
     max_train: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _path_for_file(self) -> "TextDataConfig":
-        if self.dataset == "file" and not self.path:
-            raise ValueError("dataset 'file' needs data.text.path: a text file with one sentence per line")
+        if self.dataset in ("file", "jsonl") and not self.path:
+            what = "a text file with one sentence per line" if self.dataset == "file" else \
+                "a JSON Lines file, one object per line with the text in text_field"
+            raise ValueError(f"dataset {self.dataset!r} needs data.text.path: {what}")
+        if self.text_field is not None and self.dataset != "jsonl":
+            raise ValueError(f"text_field: only used with dataset 'jsonl' (dataset is {self.dataset!r})")
+        if self.tokenizer != "bpe" and "vocab_size" in self.model_fields_set:
+            raise ValueError(f"vocab_size: only used with tokenizer 'bpe' (tokenizer is {self.tokenizer!r}; "
+                             f"word and char vocabularies are sized by min_freq)")
         return self
 
 
@@ -239,6 +251,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> PipelineConfig:
     if problems:
         raise ParamsError(f"{source} is invalid:\n" + "\n".join(problems))
     return config
+
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> PipelineConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import zlib
 from dataclasses import dataclass, field
@@ -39,6 +40,12 @@ _IMAGES_MAGIC, _LABELS_MAGIC = 0x0803, 0x0801  # 2051: ubyte, 3 dims; 2049: ubyt
 
 class DataError(ValueError):
     """A data source is unknown, missing, unreadable or corrupt."""
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    """At most ``limit`` names, then how many more: errors stay short for huge folders and records."""
+    shown = ", ".join(repr(n[:200]) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 @dataclass
@@ -262,6 +269,8 @@ def read_text_source(cfg: TextDataConfig) -> TextSource:
         return read_lee_news()
     if cfg.dataset == "file":
         return read_sentence_file(Path(cfg.path or ""))
+    if cfg.dataset == "jsonl":
+        return read_jsonl(Path(cfg.path or ""), cfg.text_field or "text")
     raise DataError(f"unknown text dataset {cfg.dataset!r}")
 
 
@@ -299,6 +308,38 @@ def read_sentence_file(path: Path) -> TextSource:
     return TextSource("file", str(path), {str(path): path}, sentences)
 
 
+def read_jsonl(path: Path, text_field: str = "text") -> TextSource:
+    """A JSON Lines file: one JSON object per line, its text in ``text_field``.
+
+    Each record's text is split into sentences (``split_sentences``), so a record may hold one
+    sentence (a caption) or a paragraph; blank lines are skipped.
+    """
+    from genai_models.text import split_sentences
+
+    sentences = []
+    for number, line in enumerate(_read_utf8(path, "jsonl").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"jsonl: {path} line {number} is not JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"jsonl: {path} line {number} is a JSON {type(record).__name__}, expected an object "
+                            f"with the text in field {text_field!r}")
+        if text_field not in record:
+            raise DataError(f"jsonl: {path} line {number} has no field {text_field!r} (data.text.text_field); "
+                            f"it has {_few(sorted(map(str, record)))}")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"jsonl: {path} line {number}: field {text_field!r} is a JSON "
+                            f"{type(text).__name__}, expected a string")
+        sentences += split_sentences(text)
+    if not sentences:
+        raise DataError(f"jsonl: {path} holds no text (it is empty, blank, or every {text_field!r} is empty)")
+    return TextSource("jsonl", str(path), {str(path): path}, sentences)
+
+
 # --- preflight ----------------------------------------------------------------------------
 def check_sources(images: ImageDataConfig, text: TextDataConfig, base: Path = Path(".")) -> None:
     """Cheap checks that the data named in params.yaml is there, before any step runs.
@@ -319,11 +360,11 @@ def check_sources(images: ImageDataConfig, text: TextDataConfig, base: Path = Pa
         _missing_torchvision_files(images.dataset, base / torchvision_root(images), images.download)
     if text.dataset == "lee-news":
         package_file("gensim", LEE_NEWS_FILE, "lee-news")
-    elif text.dataset == "file":
+    elif text.dataset in ("file", "jsonl"):
         path = base / (text.path or "")
         if not path.is_file():
-            raise DataError(f"file: data.text.path {path} is not a file")
-        _check_nonempty(path, "file")
+            raise DataError(f"{text.dataset}: data.text.path {path} is not a file")
+        _check_nonempty(path, text.dataset)
 
 
 def _check_nonempty(path: Path, dataset: str) -> None:

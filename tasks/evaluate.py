@@ -2,7 +2,8 @@
 
 Images: FID against the test split (with the untrained-model ceiling beside it) and,
 where the family has one, the test NLL in nats per image and bits/dim.
-Text: BLEU-2..4 against the test split, Self-BLEU-2..4, test NLL per token, perplexity.
+Text: BLEU-2..4 against the test split, Self-BLEU-2..4 (both on words, whatever the tokenizer),
+test NLL per token, perplexity per token and per word.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from genai_models.base import GenerativeModel
 from genai_models.feature_extractor import extract_features
 from genai_models.metrics import bleu, features_to_stats, frechet_distance, nats_to_bits_per_dim, perplexity, self_bleu
 from genai_models.registry import get_family
+from genai_models.text import count_words
 from tasks import data, paths
 from tasks.checkpoints import load_model
 from tasks.config import PipelineConfig
@@ -99,9 +101,9 @@ def evaluate_images(model: GenerativeModel, family: str, config: PipelineConfig,
 def evaluate_text(model: GenerativeModel, config: PipelineConfig, device: torch.device) -> tuple[dict, dict]:
     """BLEU / Self-BLEU of generated sentences, real-text references of the same, test NLL."""
     count, seed = config.evaluate.num_text_samples, config.seed
-    vocab = data.load_vocab(paths.TEXT_DATA)
-    test = data.load_text(paths.TEXT_DATA, "test")
-    generated = [vocab.decode(row.tolist()) for row in draw_samples(model, count, config.evaluate.batch_size, seed)]
+    tokenizer = data.load_tokenizer(paths.TEXT_DATA)
+    test = data.load_text(paths.TEXT_DATA, "test")  # sentences of words
+    generated = [tokenizer.decode(row.tolist()) for row in draw_samples(model, count, config.evaluate.batch_size, seed)]
     real = data.load_text(paths.TEXT_DATA, "val")[:count]
     metrics: dict[str, float] = {}
     for n, value in bleu(generated, test, max_n=4).items():
@@ -112,12 +114,14 @@ def evaluate_text(model: GenerativeModel, config: PipelineConfig, device: torch.
         metrics[f"bleu{n}_real"] = value
     for n, value in self_bleu(real, max_n=4).items():
         metrics[f"self_bleu{n}_real"] = value
-    encoded = data.encode_sentences(test, vocab, model.spec.max_len)
+    encoded = data.encode_sentences(test, tokenizer, model.spec.max_len)
     total_nats = float(-torch.cat([model.log_likelihood(encoded[i:i + 256].to(device)).cpu()
                                    for i in range(0, encoded.shape[0], 256)]).double().sum())
     num_tokens = int((encoded[:, 1:] != model.spec.pad_id).sum())
+    num_words = count_words(test)
     metrics["nll_per_token"] = total_nats / num_tokens
     metrics["perplexity"] = perplexity(total_nats, num_tokens)
+    metrics["perplexity_per_word"] = perplexity(total_nats, num_words)
     convention = "Texygen convention: mean sentence BLEU, nltk smoothing method 1, uniform weights"
     how = {f"bleu{n}": f"{count} generated sentences vs {len(test)} test sentences as references; {convention}"
            for n in BLEU_ORDERS}
@@ -126,7 +130,17 @@ def evaluate_text(model: GenerativeModel, config: PipelineConfig, device: torch.
     how |= {f"bleu{n}_real": f"{len(real)} real validation sentences instead of samples" for n in BLEU_ORDERS}
     how |= {f"self_bleu{n}_real": f"{len(real)} real validation sentences instead of samples" for n in BLEU_ORDERS}
     how["nll_per_token"] = how["perplexity"] = (
-        f"exact; {len(test)} test sentences, {num_tokens} tokens (eos counted, bos not), vocabulary {len(vocab)}")
+        f"exact; total test NLL / tokens (perplexity: its exp); {len(test)} test sentences, {num_tokens} "
+        f"{tokenizer.kind} tokens (eos counted once per sentence, bos not), vocabulary {len(tokenizer)}")
+    how["perplexity_per_word"] = (
+        f"exact; exp(total test NLL / words): the same NLL over {num_words} words ({len(test)} test sentences, "
+        f"eos counted once per sentence), words as the data step splits them for every tokenizer, so models "
+        f"with different tokenizers compare; {tokenizer.kind} tokenizer")
+    if tokenizer.kind == "word":
+        how["perplexity_per_word"] += " (unseen words are one <unk> token, which flatters word models)"
+    for key in ("bleu", "self_bleu"):
+        for n in BLEU_ORDERS:
+            how[f"{key}{n}"] += f"; on words (the {tokenizer.kind} tokens decoded)"
     return metrics, how
 
 

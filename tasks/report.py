@@ -48,7 +48,8 @@ TEXT_METRICS = {
     **{f"bleu{n}": (f"BLEU-{n}", "higher") for n in (2, 3, 4)},
     **{f"self_bleu{n}": (f"Self-BLEU-{n}", "lower") for n in (2, 3, 4)},
     "nll_per_token": ("NLL (nats/token)", "lower"),
-    "perplexity": ("Perplexity", "lower"),
+    "perplexity": ("Perplexity per token", "lower"),
+    "perplexity_per_word": ("Perplexity per word", "lower"),
     **{f"bleu{n}_real": (f"BLEU-{n}, real text", "higher") for n in (2, 3, 4)},
     **{f"self_bleu{n}_real": (f"Self-BLEU-{n}, real text", "lower") for n in (2, 3, 4)},
 }

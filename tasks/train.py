@@ -53,9 +53,9 @@ def load_training_data(modality: str) -> TrainingData:
         spec = data.image_spec(folder)
         split = lambda name: torch.from_numpy(data.load_images(folder, name)[0])  # noqa: E731
     else:
-        vocab = data.load_vocab(folder)
-        spec = data.text_spec(folder, vocab)
-        split = lambda name: data.encode_sentences(data.load_text(folder, name), vocab, spec.max_len)  # noqa: E731
+        tokenizer = data.load_tokenizer(folder)
+        spec = data.text_spec(folder, tokenizer)
+        split = lambda name: data.encode_sentences(data.load_text(folder, name), tokenizer, spec.max_len)  # noqa: E731
     binarized = modality == "image" and data.is_dynamically_binarized(folder)
     return TrainingData(split("train"), split("val"), spec, checksum, binarized)
 
@@ -245,9 +245,9 @@ def write_samples(model: GenerativeModel, num_samples: int, seed: int, out_dir: 
         path = out_dir / "samples.png"
         path.write_bytes(buffer.getvalue())
     else:
-        vocab = data.load_vocab(paths.TEXT_DATA)
+        tokenizer = data.load_tokenizer(paths.TEXT_DATA)  # token ids -> words, whatever the tokenizer
         path = out_dir / "samples.txt"
-        path.write_text("".join(" ".join(vocab.decode(row.tolist())) + "\n" for row in samples))
+        path.write_text("".join(" ".join(tokenizer.decode(row.tolist())) + "\n" for row in samples))
     return path
 
 
