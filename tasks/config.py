@@ -27,9 +27,9 @@ class _Strict(BaseModel):
 
 
 class ImageDataConfig(_Strict):
-    dataset: Literal["mnist-5k", "mnist", "fashion-mnist", "cifar10", "idx"] = "mnist-5k"
+    dataset: Literal["mnist-5k", "mnist", "fashion-mnist", "cifar10", "idx", "folder"] = "mnist-5k"
     # torchvision data sets: the download root (archives already there are used offline);
-    # idx: the folder holding the four IDX files.
+    # idx: the folder holding the four IDX files; folder: the folder of image files.
     root: str | None = None
     download: bool = True
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
@@ -39,12 +39,36 @@ class ImageDataConfig(_Strict):
     # for every training batch; val and test binarized once with the seed (the protocol of the
     # binarized-MNIST likelihood literature). Values stay uint8 (0 or 255).
     binarize: Literal["none", "dynamic"] = "none"
+    # folder only (see FOLDER_ONLY): every image is center-cropped to a square, then resized to
+    # image_size x image_size with the Pillow filter resize_filter, in 1 (grey) or 3 (RGB) channels.
+    image_size: int | None = Field(None, ge=8, le=1024)
+    channels: Literal[1, 3] = 3
+    resize_filter: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] = "bicubic"
+    skip_unreadable: bool = False  # skip (and list in the manifest) files Pillow cannot decode
 
     @model_validator(mode="after")
     def _root_for_idx(self) -> "ImageDataConfig":
         if self.dataset == "idx" and not self.root:
             raise ValueError("dataset 'idx' needs data.images.root: the folder with the IDX files")
+        if self.dataset == "folder":
+            if not self.root:
+                raise ValueError("dataset 'folder' needs data.images.root: the folder of image files "
+                                 "(class sub-folders for labels, or a flat folder)")
+            if self.image_size is None:
+                raise ValueError("dataset 'folder' needs data.images.image_size: the side of the square "
+                                 "images after center-crop and resize (e.g. 32)")
+            if self.image_size % 4:
+                raise ValueError(f"image_size must be divisible by 4: the image families and the feature "
+                                 f"classifier halve the image twice (got {self.image_size})")
+        else:
+            given = sorted(FOLDER_ONLY & self.model_fields_set)
+            if given:
+                raise ValueError(f"{', '.join(given)}: only used with dataset 'folder' (dataset is {self.dataset!r})")
         return self
+
+
+# Keys of data.images that only dataset 'folder' reads (refused, and left out of manifests, otherwise).
+FOLDER_ONLY = frozenset({"image_size", "channels", "resize_filter", "skip_unreadable"})
 
 
 class TextDataConfig(_Strict):
@@ -250,8 +274,35 @@ def parse_params(raw: Any, source: str = "params.yaml") -> PipelineConfig:
             problems.append(_format_error(err, f"families.{name}.model"))
     if problems:
         raise ParamsError(f"{source} is invalid:\n" + "\n".join(problems))
+    problems = _image_shape_problems(config)
+    if problems:
+        raise ParamsError(f"{source} is invalid:\n" + "\n".join(problems))
     return config
 
+
+def _image_shape_problems(config: PipelineConfig) -> list[str]:
+    """Image families that cannot be built for the folder data's image shape, one line each.
+
+    Known before any data is read (``image_size`` and ``channels``); each family is built on
+    the ``meta`` device, which runs its own shape checks without allocating any memory.
+    """
+    images = config.data.images
+    if images.dataset != "folder" or images.image_size is None:
+        return []
+    import torch
+
+    from genai_models.base import ImageSpec
+
+    spec = ImageSpec(images.channels, images.image_size, images.image_size)
+    problems = []
+    for name in config.image_families():
+        try:
+            with torch.device("meta"):
+                REGISTRY[name].build(config.family_model_config(name), spec)
+        except ValueError as err:
+            problems.append(f"  data.images.image_size: family {name} cannot use {spec.channels}x{spec.height}"
+                            f"x{spec.width} images: {err} (got {images.image_size})")
+    return problems
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> PipelineConfig:

@@ -35,8 +35,12 @@ import torch
 
 from genai_models.base import ImageSpec, TextSpec
 from genai_models.text import BPETokenizer, CharTokenizer, TextTokenizer, Vocabulary, tokenize, tokenizer_from_json
-from tasks.datasets import DataError, ImageSource, TextSource, read_image_source, read_text_source
+from tasks.datasets import (
+    DataError, ImageSource, TextSource, check_image_folder, read_image_source, read_text_source,
+)
 from tasks.io import atomic_write_json, atomic_write_text, replace_directory, sha256_file
+
+from tasks.config import FOLDER_ONLY
 
 if TYPE_CHECKING:
     from tasks.config import ImageDataConfig, PipelineConfig, TextDataConfig
@@ -52,7 +56,10 @@ BPE_FILE = "tokenizer.json"
 def prepare(modality: Literal["image", "text"], config: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     """Prepare the image or text data named in ``config.data``; returns the manifest."""
     if modality == "image":
-        return prepare_images(config.data.images, config.seed, out_dir)
+        images = config.data.images
+        if images.dataset == "folder":  # layout, headers and a feature space for it, before any work
+            check_image_folder(images, Path(images.root or ""), config.features.extractor)
+        return prepare_images(images, config.seed, out_dir)
     if modality == "text":
         return prepare_text(config.data.text, config.seed, out_dir)
     raise ValueError(f"unknown modality {modality!r}; expected 'image' or 'text'")
@@ -133,14 +140,17 @@ def prepare_images(cfg: ImageDataConfig, seed: int, out_dir: Path) -> dict[str, 
             splits[split] = (binarize(torch.from_numpy(images), generator).numpy(), labels)
     source_sha = {name: sha256_file(path) for name, path in sorted(source.files.items())}
     all_labels = np.concatenate([labels for _, labels in splits.values()])
+    folder = cfg.dataset == "folder"
     manifest: dict[str, Any] = {
         "kind": "image",
         "dataset": source.dataset,
-        "source": {"location": source.location, "urls": source.urls, "sha256": source_sha},
+        "source": {"location": source.location, "urls": source.urls, "sha256": source_sha, **source.details},
         "seed": seed,
-        "config": cfg.model_dump(mode="json"),
+        # Keys only dataset 'folder' reads are left out elsewhere: manifests of the other data sets stay as they were.
+        "config": cfg.model_dump(mode="json", exclude=None if folder else set(FOLDER_ONLY)),
         "image_shape": list(splits["train"][0].shape[1:]),
         "num_classes": int(all_labels.max()) + 1,
+        **({"classes": source.classes} if folder else {}),
         "counts": {split: len(labels) for split, (_, labels) in splits.items()},
         "class_balance": {split: _class_balance(labels) for split, (_, labels) in splits.items()},
     }

@@ -22,6 +22,7 @@ from genai_models.metrics import features_to_stats, frechet_distance
 from tasks import data, paths
 from tasks.checkpoints import load_torch, save_torch
 from tasks.config import PipelineConfig
+from tasks.datasets import DataError
 from tasks.io import atomic_write_json, replace_directory
 from tasks.runtime import StepClock, device_name, resolve_device, seed_everything
 from tasks.train import batch_indices
@@ -82,6 +83,7 @@ def load_reference_stats() -> tuple[np.ndarray, np.ndarray]:
 def build_feature_extractor(config: PipelineConfig) -> Path:
     """Write ``models/feature_extractor/``: the extractor, test statistics, the FID floor."""
     clock = StepClock("features")
+    check_feature_space(config)
     device = resolve_device(config.device)
     out = paths.FEATURE_EXTRACTOR
     summary: dict = {"extractor": config.features.extractor, "description": extractor_description(config),
@@ -112,6 +114,15 @@ def build_feature_extractor(config: PipelineConfig) -> Path:
                  test_images.shape[0], summary["fid_floor"])
         atomic_write_json(tmp / "summary.json", {**summary, **clock.record()})
     return out
+
+
+def check_feature_space(config: PipelineConfig) -> None:
+    """The classifier extractor needs labels of two classes or more: refuse before any work otherwise."""
+    manifest = data.load_image_manifest(paths.IMAGE_DATA)
+    if config.features.extractor == "classifier" and manifest["num_classes"] < 2:
+        raise DataError(f"{manifest['dataset']}: the prepared images ({manifest['source']['location']}) have no "
+                        f"labels of two or more classes to train the FID feature classifier on "
+                        f"(features.extractor: classifier); set features.extractor: inception")
 
 
 def sample_real_images(count: int, seed: int) -> torch.Tensor:
