@@ -35,12 +35,11 @@ import torch
 
 from genai_models.base import ImageSpec, TextSpec
 from genai_models.text import BPETokenizer, CharTokenizer, TextTokenizer, Vocabulary, tokenize, tokenizer_from_json
+from tasks.config import FOLDER_ONLY
 from tasks.datasets import (
     DataError, ImageSource, TextSource, check_image_folder, read_image_source, read_text_source,
 )
 from tasks.io import atomic_write_json, atomic_write_text, replace_directory, sha256_file
-
-from tasks.config import FOLDER_ONLY
 
 if TYPE_CHECKING:
     from tasks.config import ImageDataConfig, PipelineConfig, TextDataConfig
