@@ -221,3 +221,12 @@ def test_transformer_on_bpe_tokens_end_to_end(tmp_path: Path, monkeypatch: pytes
     assert len(samples) == 20 and not any("\u2581" in line for line in samples)
     assert 0 <= metrics["bleu4"] <= 1 and np.isfinite(metrics["self_bleu4"])
 
+
+def test_the_tokenizer_comparison_changes_only_data_text() -> None:
+    from benchmarks.tokenizers import COCO, distinct, text_block
+
+    assert distinct([["a", "b", "a", "b"], ["c"]], 2) == pytest.approx(2 / 3)  # ab, ba, ab: 2 distinct of 3
+    word, bpe = text_block("lee-news", "word"), text_block("coco", "bpe:500")
+    assert word["tokenizer"] == "word" and "vocab_size" not in word and word["dataset"] == "lee-news"
+    assert bpe == {**word, "dataset": "file", "path": str(COCO), "tokenizer": "bpe", "vocab_size": 500}
+    assert TextDataConfig(**bpe).vocab_size == 500 and TextDataConfig(**word).tokenizer == "word"
