@@ -55,7 +55,7 @@ def preflight(step: str, config: PipelineConfig, family: str | None = None, moda
         from tasks.datasets import check_image_source, check_text_source
 
         if modality == "image":
-            check_image_source(config.data.images)
+            check_image_source(config.data.images, extractor=config.features.extractor)
         else:
             check_text_source(config.data.text)
         check_writable(paths.data_dir(modality).parent)
@@ -99,7 +99,7 @@ def run(argv: list[str] | None = None) -> Path | None:
     if args.step == "check":
         from tasks.datasets import check_sources
 
-        check_sources(config.data.images, config.data.text)
+        check_sources(config.data.images, config.data.text, extractor=config.features.extractor)
         log.info("%s is valid: families %s", args.params, ", ".join(config.families))
         return None
     from flows.run_lock import stage_lock

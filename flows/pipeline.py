@@ -151,7 +151,7 @@ def check_inputs(root: Path, params_file: str = "params.yaml") -> PipelineConfig
     Raises ``ParamsError`` or ``DataError``.
     """
     config = load_params(root / params_file)
-    check_sources(config.data.images, config.data.text, base=root)
+    check_sources(config.data.images, config.data.text, base=root, extractor=config.features.extractor)
     return config
 
 

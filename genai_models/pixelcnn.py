@@ -35,7 +35,7 @@ from genai_models.base import GenerativeModel, ImageSpec, check_sizes, images_to
 
 @dataclass
 class PixelCNNConfig:
-    hidden_channels: int = 32  # per stack; divisible by the number of image channels
+    hidden_channels: int = 32  # per stack; at least the number of image channels (split into C groups)
     num_layers: int = 5        # gated layers, the first (mask A) included
     kernel_size: int = 3       # odd: the vertical stack is (k//2+1) x k, the horizontal 1 x (k//2+1)
 
@@ -46,9 +46,14 @@ class PixelCNNConfig:
 
 
 def channel_groups(num_units: int, num_channels: int, gated: bool = False) -> torch.Tensor:
-    """Image channel each unit belongs to: C contiguous blocks; a gated layer's two halves alike."""
+    """Image channel each unit belongs to: C contiguous blocks; a gated layer's two halves alike.
+
+    Unit i of ``size`` goes to group floor(i * C / size): equal blocks when C divides ``size``
+    (32 units, 1 channel: all in group 0), blocks one unit apart in size otherwise (32 units,
+    RGB: 11, 11 and 10).
+    """
     size = num_units // 2 if gated else num_units
-    return torch.arange(num_units) % size // (size // num_channels)
+    return (torch.arange(num_units) % size) * num_channels // size
 
 
 class ChannelMaskedConv(nn.Conv2d):
@@ -116,8 +121,8 @@ class PixelCNN(GenerativeModel):
     def __init__(self, config: PixelCNNConfig, spec: ImageSpec) -> None:
         super().__init__(config, spec)
         c, hidden = spec.channels, config.hidden_channels
-        if hidden % c:
-            raise ValueError(f"hidden_channels must be divisible by the {c} image channels, got {hidden}")
+        if hidden < c:
+            raise ValueError(f"hidden_channels must be at least the {c} image channels, got {hidden}")
         self.layers = nn.ModuleList(
             GatedLayer(c if i == 0 else hidden, hidden, c, config.kernel_size, first=i == 0)
             for i in range(config.num_layers)

@@ -1,9 +1,20 @@
-"""Text basics shared by the data step and the text families: a tokenizer, a sentence
-splitter and a word-level ``Vocabulary``.
+"""Text basics shared by the data step, the text families and evaluation.
 
-Pure Python (``re``, ``json``, ``collections``): no torch, no orchestration packages.
-Everything here is deterministic: the same input gives the same tokens, the same
-sentences and the same ids on every machine.
+- ``tokenize``: running text -> words (lower-cased word, number and punctuation tokens). Words
+  are the unit every text metric counts in (BLEU, Self-BLEU, perplexity per word), whatever
+  the model's tokens are.
+- ``split_sentences``: running text -> sentences.
+- The model's tokens, behind one small interface (``TextTokenizer``): ``encode`` a sentence of
+  words into token ids, ``decode`` ids back into words. Three kinds:
+  ``Vocabulary`` (``word``: one id per word seen ``min_freq`` times, others ``<unk>``),
+  ``CharTokenizer`` (``char``: one id per character, ``\u2581`` between words) and
+  ``BPETokenizer`` (``bpe``: byte-pair-encoding subwords trained with Hugging Face ``tokenizers``,
+  Sennrich et al., ACL 2016, arXiv:1508.07909).
+
+Every kind has the same four special ids: ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2,
+``<unk>`` = 3. Everything here is deterministic: the same input gives the same tokens, the
+same sentences, the same vocabularies and the same ids on every machine. No torch, no
+orchestration packages; ``tokenizers`` is imported only by ``BPETokenizer``.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Protocol, Sequence
 
 # --- tokenizer ------------------------------------------------------------------------
 # Order matters: numbers first (so "4:00" and "1,500" stay whole), then words with
@@ -79,8 +90,11 @@ def split_sentences(text: str) -> list[str]:
 class Vocabulary:
     """Word-level vocabulary: four special tokens, then tokens by (-count, token).
 
-    Ids: ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, ``<unk>`` = 3.
+    Ids: ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, ``<unk>`` = 3. It is also the ``word``
+    tokenizer (a ``TextTokenizer``): a token is a word, so ``decode`` gives words.
     """
+
+    kind: ClassVar[str] = "word"
 
     PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
     SPECIALS = (PAD, BOS, EOS, UNK)
@@ -126,6 +140,10 @@ class Vocabulary:
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         """Tokens of ``ids`` up to (not including) the first ``eos``; pad and bos are skipped."""
+        return self.token_strings(ids)
+
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        """The token strings of ``ids`` up to (not including) the first ``eos``, pad and bos skipped."""
         tokens = []
         for i in ids:
             i = int(i)
@@ -149,3 +167,170 @@ class Vocabulary:
         if not isinstance(data, dict) or data.get("format") != cls._FORMAT:
             raise ValueError(f"not a vocabulary document (expected format {cls._FORMAT!r})")
         return cls(data["tokens"])
+
+
+# --- tokenizers: words <-> model token ids ---------------------------------------------
+class TextTokenizer(Protocol):
+    """What the data step, the text families' training and evaluation need from a tokenizer.
+
+    Sentences reach it already split into words (``tokenize``); ``decode`` gives words back, so
+    BLEU, Self-BLEU and perplexity per word are counted in the same units for every kind.
+    """
+
+    kind: ClassVar[str]  # "word" | "char" | "bpe"
+    tokens: list[str]    # every token string, in id order
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    unk_id: int
+
+    def __len__(self) -> int:
+        """Number of token ids (the model's vocabulary size)."""
+        ...
+
+    def encode(self, words: Sequence[str]) -> list[int]:
+        """Token ids of one sentence of words; no bos/eos added."""
+        ...
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """The words of ``ids`` up to (not including) the first ``eos``; pad and bos are skipped."""
+        ...
+
+
+WORD_BOUNDARY = "\u2581"  # "▁", as in SentencePiece: marks the start of a word inside char / subword tokens
+
+
+def _words_from_pieces(pieces: Sequence[str]) -> list[str]:
+    """Token strings where ``WORD_BOUNDARY`` starts a word -> the words."""
+    return "".join(pieces).replace(WORD_BOUNDARY, " ").split()
+
+
+class CharTokenizer:
+    """One id per character seen ``min_freq`` times in training; ``WORD_BOUNDARY`` between words.
+
+    ``["the", "cat"]`` -> ``t h e ▁ c a t``; a character not in the vocabulary is ``<unk>``.
+    """
+
+    kind: ClassVar[str] = "char"
+    pad_id, bos_id, eos_id, unk_id = Vocabulary.pad_id, Vocabulary.bos_id, Vocabulary.eos_id, Vocabulary.unk_id
+
+    def __init__(self, vocabulary: Vocabulary) -> None:
+        long = [t for t in vocabulary.tokens[len(Vocabulary.SPECIALS):] if len(t) != 1]
+        if long:
+            raise ValueError(f"a character vocabulary holds single characters only, got {long[:5]}")
+        self.vocabulary = vocabulary
+
+    @classmethod
+    def build(cls, sentences: Iterable[Sequence[str]], min_freq: int = 1) -> "CharTokenizer":
+        """Characters (and the word boundary) of ``sentences`` seen at least ``min_freq`` times."""
+        return cls(Vocabulary.build((WORD_BOUNDARY.join(words) for words in sentences), min_freq))
+
+    def __len__(self) -> int:
+        return len(self.vocabulary)
+
+    @property
+    def tokens(self) -> list[str]:
+        """Every token string in id order (as ``Vocabulary.tokens``)."""
+        return self.vocabulary.tokens
+
+    def encode(self, words: Sequence[str]) -> list[int]:
+        return self.vocabulary.encode(WORD_BOUNDARY.join(words))
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return _words_from_pieces(self.vocabulary.token_strings(ids))
+
+    def to_json(self) -> str:
+        return self.vocabulary.to_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "CharTokenizer":
+        return cls(Vocabulary.from_json(text))
+
+
+class BPETokenizer:
+    """Byte-pair-encoding subwords, trained and applied by Hugging Face ``tokenizers``.
+
+    Each word is prefixed with ``WORD_BOUNDARY`` (the Metaspace convention) and split into the
+    subwords of the learnt merges; characters never seen in training become ``<unk>``. The
+    boundary is a character, not a suffix added to the last character, which keeps training
+    deterministic: the same sentences give byte-identical ``to_json`` on every run (the
+    ``</w>`` suffix variant of ``tokenizers`` 0.23 numbers its suffixed tokens in hash order).
+    """
+
+    kind: ClassVar[str] = "bpe"
+    pad_id, bos_id, eos_id, unk_id = Vocabulary.pad_id, Vocabulary.bos_id, Vocabulary.eos_id, Vocabulary.unk_id
+
+    def __init__(self, model) -> None:  # a tokenizers.Tokenizer
+        self.model = model
+        self.vocabulary = Vocabulary([model.id_to_token(i) for i in range(model.get_vocab_size())])
+
+    @classmethod
+    def train(cls, sentences: Iterable[Sequence[str]], vocab_size: int, min_freq: int = 2) -> "BPETokenizer":
+        """Learn merges on ``sentences`` (lists of words) until ``vocab_size`` ids (specials included).
+
+        Pairs seen fewer than ``min_freq`` times are never merged, so a small corpus may end with
+        fewer ids than ``vocab_size``.
+        """
+        from tokenizers import Tokenizer, models, trainers
+
+        model = Tokenizer(models.BPE(unk_token=Vocabulary.UNK))
+        _set_word_boundaries(model)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_freq,
+                                      special_tokens=list(Vocabulary.SPECIALS), show_progress=False)
+        model.train_from_iterator((" ".join(words) for words in sentences), trainer)
+        return cls(model)
+
+    def __len__(self) -> int:
+        return len(self.vocabulary)
+
+    @property
+    def tokens(self) -> list[str]:
+        """Every token string in id order (as ``Vocabulary.tokens``)."""
+        return self.vocabulary.tokens
+
+    def encode(self, words: Sequence[str]) -> list[int]:
+        if not words:
+            return []
+        return self.model.encode(list(words), is_pretokenized=True, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return _words_from_pieces(self.vocabulary.token_strings(ids))
+
+    def to_json(self) -> str:
+        """The ``tokenizers`` JSON document (loadable with ``tokenizers.Tokenizer.from_file``)."""
+        return self.model.to_str(pretty=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "BPETokenizer":
+        from tokenizers import Tokenizer
+
+        tokenizer = cls(Tokenizer.from_str(text))
+        if tuple(tokenizer.vocabulary.tokens[:4]) != Vocabulary.SPECIALS:
+            raise ValueError(f"a BPE tokenizer must start with {list(Vocabulary.SPECIALS)}")
+        return tokenizer
+
+
+def _set_word_boundaries(model) -> None:
+    """Metaspace: every (pre-split) word gets a leading ``WORD_BOUNDARY``; decoding turns it into a space."""
+    from tokenizers import decoders, pre_tokenizers
+
+    model.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement=WORD_BOUNDARY, prepend_scheme="always", split=False),
+    ])
+    model.decoder = decoders.Metaspace(replacement=WORD_BOUNDARY, prepend_scheme="always", split=False)
+
+
+TOKENIZERS: dict[str, type] = {"word": Vocabulary, "char": CharTokenizer, "bpe": BPETokenizer}
+
+
+def tokenizer_from_json(kind: str, text: str) -> TextTokenizer:
+    """Load a tokenizer of ``kind`` from the JSON its ``to_json`` wrote."""
+    if kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {kind!r}; expected one of {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[kind].from_json(text)
+
+
+def count_words(sentences: Iterable[Sequence[str]]) -> int:
+    """Words plus one end of sentence per sentence: the denominator of perplexity per word."""
+    return sum(len(words) + 1 for words in sentences)

@@ -93,7 +93,14 @@ class TransformerLM(GenerativeModel):
         return self.head(self.norm(x))
 
     def _token_log_probs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-prob of every target token (B, L-1) and the mask of real (non-pad) targets."""
+        """Log-prob of every target token (B, L'-1) and the mask of real (non-pad) targets.
+
+        L' <= L: trailing positions that are padding in every row are cut first. They change no
+        real token's log-prob (attention is causal, padding only follows eos) but cost as much
+        as real tokens; subword tokens make max_len long while most batches are far shorter.
+        """
+        length = int((batch != self.spec.pad_id).sum(1).max())
+        batch = batch[:, : max(length, 2)]
         logits = self(batch[:, :-1]).float()
         targets = batch[:, 1:]
         log_probs = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")

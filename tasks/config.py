@@ -48,9 +48,9 @@ class _Strict(BaseModel):
 
 
 class ImageDataConfig(_Strict):
-    dataset: Literal["mnist-5k", "mnist", "fashion-mnist", "cifar10", "idx"] = "mnist-5k"
+    dataset: Literal["mnist-5k", "mnist", "fashion-mnist", "cifar10", "idx", "folder"] = "mnist-5k"
     # torchvision data sets: the download root (archives already there are used offline);
-    # idx: the folder holding the four IDX files.
+    # idx: the folder holding the four IDX files; folder: the folder of image files.
     root: str | None = None
     download: bool = True
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
@@ -60,29 +60,65 @@ class ImageDataConfig(_Strict):
     # for every training batch; val and test binarized once with the seed (the protocol of the
     # binarized-MNIST likelihood literature). Values stay uint8 (0 or 255).
     binarize: Literal["none", "dynamic"] = "none"
+    # folder only (see FOLDER_ONLY): every image is center-cropped to a square, then resized to
+    # image_size x image_size with the Pillow filter resize_filter, in 1 (grey) or 3 (RGB) channels.
+    image_size: int | None = Field(None, ge=8, le=1024)
+    channels: Literal[1, 3] = 3
+    resize_filter: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] = "bicubic"
+    skip_unreadable: bool = False  # skip (and list in the manifest) files Pillow cannot decode
 
     @model_validator(mode="after")
     def _root_for_idx(self) -> "ImageDataConfig":
         if self.dataset == "idx" and not self.root:
             raise ValueError("dataset 'idx' needs data.images.root: the folder with the IDX files")
+        if self.dataset == "folder":
+            if not self.root:
+                raise ValueError("dataset 'folder' needs data.images.root: the folder of image files "
+                                 "(class sub-folders for labels, or a flat folder)")
+            if self.image_size is None:
+                raise ValueError("dataset 'folder' needs data.images.image_size: the side of the square "
+                                 "images after center-crop and resize (e.g. 32)")
+            if self.image_size % 4:
+                raise ValueError(f"image_size must be divisible by 4: the image families and the feature "
+                                 f"classifier halve the image twice (got {self.image_size})")
+        else:
+            given = sorted(FOLDER_ONLY & self.model_fields_set)
+            if given:
+                raise ValueError(f"{', '.join(given)}: only used with dataset 'folder' (dataset is {self.dataset!r})")
         return self
 
 
+# Keys of data.images that only dataset 'folder' reads (refused, and left out of manifests, otherwise).
+FOLDER_ONLY = frozenset({"image_size", "channels", "resize_filter", "skip_unreadable"})
+
+
 class TextDataConfig(_Strict):
-    dataset: Literal["lee-news", "file"] = "lee-news"
-    path: str | None = None  # dataset 'file': one sentence per line
+    dataset: Literal["lee-news", "file", "jsonl"] = "lee-news"
+    path: str | None = None  # file: one sentence per line; jsonl: one JSON object per line
+    text_field: str | None = Field(None, min_length=1)  # jsonl: the field holding the text (default "text")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
-    min_freq: int = Field(2, ge=1, le=10**9)
-    max_tokens: int = Field(32, ge=2, le=4096)  # sentences longer than this are dropped
-    min_tokens: int = Field(3, ge=1, le=4096)
+    # word: one token per word seen min_freq times in train, others <unk>; char: one per character;
+    # bpe: byte-pair-encoding subwords learnt on train (Hugging Face tokenizers), vocab_size ids.
+    tokenizer: Literal["word", "char", "bpe"] = "bpe"
+    vocab_size: int = Field(2000, ge=16, le=1_000_000)  # bpe only
+    min_freq: int = Field(2, ge=1, le=10**9)  # word: rarer words are <unk>; char: rarer characters; bpe: rarer pairs not merged
+    max_tokens: int = Field(32, ge=2, le=4096)  # in words: longer sentences are dropped (the same sentences for every tokenizer)
+    min_tokens: int = Field(3, ge=1, le=4096)   # in words
     max_train: int | None = Field(None, gt=0, le=10**9)
-    max_file_mb: int = Field(256, ge=1, le=65536)  # dataset 'file': a larger file is refused (MiB)
+    max_file_mb: int = Field(256, ge=1, le=65536)  # datasets 'file' and 'jsonl': a larger file is refused (MiB)
 
     @model_validator(mode="after")
     def _path_for_file(self) -> "TextDataConfig":
-        if self.dataset == "file" and not self.path:
-            raise ValueError("dataset 'file' needs data.text.path: a text file with one sentence per line")
+        if self.dataset in ("file", "jsonl") and not self.path:
+            what = "a text file with one sentence per line" if self.dataset == "file" else \
+                "a JSON Lines file, one object per line with the text in text_field"
+            raise ValueError(f"dataset {self.dataset!r} needs data.text.path: {what}")
+        if self.text_field is not None and self.dataset != "jsonl":
+            raise ValueError(f"text_field: only used with dataset 'jsonl' (dataset is {self.dataset!r})")
+        if self.tokenizer != "bpe" and "vocab_size" in self.model_fields_set:
+            raise ValueError(f"vocab_size: only used with tokenizer 'bpe' (tokenizer is {self.tokenizer!r}; "
+                             f"word and char vocabularies are sized by min_freq)")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens}): "
                              "no sentence could be kept")
@@ -435,7 +471,36 @@ def parse_params(raw: Any, source: str = "params.yaml") -> PipelineConfig:
                              distributed))
     if problems:
         raise ParamsError(f"{source}: {_format_problems(problems)}")
+    problems = _image_shape_problems(config)
+    if problems:
+        raise ParamsError(f"{source}: {_format_problems(problems)}")
     return config
+
+
+def _image_shape_problems(config: PipelineConfig) -> list[tuple[str, str, Any]]:
+    """Image families that cannot be built for the folder data's image shape.
+
+    Known before any data is read (``image_size`` and ``channels``); each family is built on
+    the ``meta`` device, which runs its own shape checks without allocating any memory.
+    """
+    images = config.data.images
+    if images.dataset != "folder" or images.image_size is None:
+        return []
+    import torch
+
+    from genai_models.base import ImageSpec
+
+    spec = ImageSpec(images.channels, images.image_size, images.image_size)
+    problems = []
+    for name in config.image_families():
+        try:
+            with torch.device("meta"):
+                REGISTRY[name].build(config.family_model_config(name), spec)
+        except ValueError as err:
+            problems.append(("data.images.image_size",
+                             f"family {name} cannot use {spec.channels}x{spec.height}x{spec.width} images: {err}",
+                             images.image_size))
+    return problems
 
 
 # --- reading the file ----------------------------------------------------------------------------

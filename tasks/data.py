@@ -9,9 +9,14 @@ Prepared image data (``out_dir``)::
 
 Prepared text data::
 
-    {train,val,test}.txt          one tokenized sentence per line, tokens joined by " "
-    vocab.json                    ``Vocabulary`` built from train
-    manifest.json                 source + checksums, counts, vocabulary size, OOV rates, config
+    {train,val,test}.txt          one sentence of words per line (``genai_models.text.tokenize``), joined by " "
+    vocab.json                    the model's tokens in id order (``Vocabulary`` JSON), built from train
+    tokenizer.json                bpe only: the Hugging Face ``tokenizers`` file (merges learnt on train)
+    manifest.json                 source + checksums, counts (sentences, words, tokens), tokenizer,
+                                  vocabulary size, sequence length, <unk> rates, config
+
+The split files hold words, whatever ``data.text.tokenizer`` is: models read them through the
+tokenizer (``load_tokenizer``, ``encode_sentences``), metrics count words.
 
 Same config, seed and source => byte-identical files. The output folder is replaced
 as a whole and only when everything succeeded (``tasks.io.replace_directory``).
@@ -31,8 +36,11 @@ import numpy as np
 import torch
 
 from genai_models.base import ImageSpec, TextSpec
-from genai_models.text import Vocabulary, tokenize
-from tasks.datasets import DataError, ImageSource, TextSource, read_image_source, read_text_source
+from genai_models.text import BPETokenizer, CharTokenizer, TextTokenizer, Vocabulary, tokenize, tokenizer_from_json
+from tasks.config import FOLDER_ONLY
+from tasks.datasets import (
+    DataError, ImageSource, TextSource, check_image_folder, read_image_source, read_text_source,
+)
 from tasks.io import atomic_write_json, atomic_write_text, replace_directory, sha256_file
 
 if TYPE_CHECKING:
@@ -43,12 +51,16 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
+BPE_FILE = "tokenizer.json"
 
 
 def prepare(modality: Literal["image", "text"], config: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     """Prepare the image or text data named in ``config.data``; returns the manifest."""
     if modality == "image":
-        return prepare_images(config.data.images, config.seed, out_dir)
+        images = config.data.images
+        if images.dataset == "folder":  # layout, headers and a feature space for it, before any work
+            check_image_folder(images, Path(images.root or ""), config.features.extractor)
+        return prepare_images(images, config.seed, out_dir)
     if modality == "text":
         return prepare_text(config.data.text, config.seed, out_dir)
     raise ValueError(f"unknown modality {modality!r}; expected 'image' or 'text'")
@@ -129,14 +141,17 @@ def prepare_images(cfg: ImageDataConfig, seed: int, out_dir: Path) -> dict[str, 
             splits[split] = (binarize(torch.from_numpy(images), generator).numpy(), labels)
     source_sha = {name: sha256_file(path) for name, path in sorted(source.files.items())}
     all_labels = np.concatenate([labels for _, labels in splits.values()])
+    folder = cfg.dataset == "folder"
     manifest: dict[str, Any] = {
         "kind": "image",
         "dataset": source.dataset,
-        "source": {"location": source.location, "urls": source.urls, "sha256": source_sha},
+        "source": {"location": source.location, "urls": source.urls, "sha256": source_sha, **source.details},
         "seed": seed,
-        "config": cfg.model_dump(mode="json"),
+        # Keys only dataset 'folder' reads are left out elsewhere: manifests of the other data sets stay as they were.
+        "config": cfg.model_dump(mode="json", exclude=None if folder else set(FOLDER_ONLY)),
         "image_shape": list(splits["train"][0].shape[1:]),
         "num_classes": int(all_labels.max()) + 1,
+        **({"classes": source.classes} if folder else {}),
         "counts": {split: len(labels) for split, (_, labels) in splits.items()},
         "class_balance": {split: _class_balance(labels) for split, (_, labels) in splits.items()},
     }
@@ -209,9 +224,31 @@ def split_sentence_list(
     return {split: [sentences[i] for i in parts[split]] for split in SPLITS}
 
 
-def _oov_rate(sentences: list[list[str]], vocab: Vocabulary) -> float:
-    tokens = [token for sentence in sentences for token in sentence]
-    return round(sum(token not in vocab for token in tokens) / max(len(tokens), 1), 6)
+def _unk_rate(encoded: list[list[int]], unk_id: int) -> float:
+    """Share of tokens that are ``<unk>``: words (word), characters (char) or subwords (bpe) unseen in train."""
+    tokens = [token for ids in encoded for token in ids]
+    return round(sum(token == unk_id for token in tokens) / max(len(tokens), 1), 6)
+
+
+def build_tokenizer(cfg: TextDataConfig, train: list[list[str]]) -> TextTokenizer:
+    """The ``data.text.tokenizer`` of ``cfg``, built from the train split's sentences only."""
+    if cfg.tokenizer == "bpe":
+        return BPETokenizer.train(train, cfg.vocab_size, cfg.min_freq)
+    if cfg.tokenizer == "char":
+        return CharTokenizer.build(train, cfg.min_freq)
+    return Vocabulary.build(train, cfg.min_freq)
+
+
+def _tokenizer_description(tokenizer: TextTokenizer, cfg: TextDataConfig) -> dict[str, Any]:
+    import importlib.metadata
+
+    description: dict[str, Any] = {"kind": tokenizer.kind, "vocab_size": len(tokenizer), "min_freq": cfg.min_freq,
+                                   "trained_on": "train split"}
+    if tokenizer.kind == "bpe":
+        description |= {"requested_vocab_size": cfg.vocab_size,
+                        "library": f"tokenizers=={importlib.metadata.version('tokenizers')}",
+                        "word_boundary": "Metaspace (U+2581 starts every word)"}
+    return description
 
 
 _WORD = re.compile(r"\S+")
@@ -237,14 +274,16 @@ def tokenize_source(source: TextSource, cfg: TextDataConfig) -> list[list[str]]:
 
 
 def prepare_text(cfg: TextDataConfig, seed: int, out_dir: Path) -> dict[str, Any]:
-    """Read ``cfg.dataset``, tokenize, filter, split with ``seed``; write splits + vocabulary.
+    """Read ``cfg.dataset``, split into words, filter, split with ``seed``; build the tokenizer on
+    train; write the splits (words), the tokenizer files and the manifest.
 
     Returns the manifest. Any source problem raises ``DataError`` before ``out_dir`` is touched.
     """
     started = time.perf_counter()
     source = read_text_source(cfg)
     splits = split_sentence_list(tokenize_source(source, cfg), cfg, seed, source.dataset)
-    vocab = Vocabulary.build(splits["train"], cfg.min_freq)
+    tokenizer = build_tokenizer(cfg, splits["train"])
+    encoded = {split: [tokenizer.encode(words) for words in sentences] for split, sentences in splits.items()}
     manifest: dict[str, Any] = {
         "kind": "text",
         "dataset": source.dataset,
@@ -252,21 +291,28 @@ def prepare_text(cfg: TextDataConfig, seed: int, out_dir: Path) -> dict[str, Any
                    "sha256": {name: sha256_file(path) for name, path in sorted(source.files.items())}},
         "seed": seed,
         "config": cfg.model_dump(mode="json"),
+        "tokenizer": _tokenizer_description(tokenizer, cfg),
         "max_tokens": cfg.max_tokens,
+        # bos + the longest sentence's tokens + eos: the models' sequence length
+        "max_len": max(len(ids) for ids_list in encoded.values() for ids in ids_list) + 2,
         "sentences": {split: len(sentences) for split, sentences in splits.items()},
-        "tokens": {split: sum(map(len, sentences)) for split, sentences in splits.items()},
-        "vocab_size": len(vocab),
-        "oov_rate": {split: _oov_rate(splits[split], vocab) for split in ("val", "test")},
+        "words": {split: sum(map(len, sentences)) for split, sentences in splits.items()},
+        "tokens": {split: sum(map(len, ids_list)) for split, ids_list in encoded.items()},
+        "vocab_size": len(tokenizer),
+        "oov_rate": {split: _unk_rate(encoded[split], tokenizer.unk_id) for split in ("val", "test")},
     }
+    vocabulary = tokenizer if isinstance(tokenizer, Vocabulary) else tokenizer.vocabulary
     with replace_directory(out_dir) as tmp:
         for split, sentences in splits.items():
             atomic_write_text(tmp / f"{split}.txt", "".join(" ".join(tokens) + "\n" for tokens in sentences))
-        atomic_write_text(tmp / VOCAB, vocab.to_json())
+        atomic_write_text(tmp / VOCAB, vocabulary.to_json())
+        if isinstance(tokenizer, BPETokenizer):
+            atomic_write_text(tmp / BPE_FILE, tokenizer.to_json())
         manifest["files"] = {path.name: sha256_file(path) for path in sorted(tmp.iterdir())}
         atomic_write_json(tmp / MANIFEST, manifest)
     counts = "/".join(str(n) for n in manifest["sentences"].values())
-    log.info("%s: %s sentences, vocabulary of %d written to %s (%.1f s)",
-             source.dataset, counts, len(vocab), out_dir, time.perf_counter() - started)
+    log.info("%s: %s sentences, %s tokenizer of %d tokens written to %s (%.1f s)",
+             source.dataset, counts, tokenizer.kind, len(tokenizer), out_dir, time.perf_counter() - started)
     return manifest
 
 
@@ -286,29 +332,35 @@ def load_text(data_dir: Path, split: str) -> list[list[str]]:
     return [line.split(" ") for line in lines]
 
 
-def load_vocab(data_dir: Path) -> Vocabulary:
-    """The vocabulary written by ``prepare_text``."""
-    path = Path(data_dir) / VOCAB
+def load_tokenizer(data_dir: Path) -> TextTokenizer:
+    """The tokenizer written by ``prepare_text`` (the kind its manifest names): words <-> token ids."""
+    data_dir = Path(data_dir)
+    kind = load_text_manifest(data_dir).get("tokenizer", {}).get("kind", "word")
+    path = data_dir / (BPE_FILE if kind == "bpe" else VOCAB)
     try:
-        return Vocabulary.from_json(path.read_text(encoding="utf-8"))
+        return tokenizer_from_json(kind, path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: run the data step first") from None
 
 
-def text_spec(data_dir: Path, vocab: Vocabulary) -> TextSpec:
-    """Vocabulary size, sequence length (max_tokens + bos + eos) and special ids of prepared text."""
-    max_tokens = load_text_manifest(data_dir)["max_tokens"]
-    return TextSpec(vocab_size=len(vocab), max_len=max_tokens + 2,
-                    pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id)
+load_vocab = load_tokenizer  # the name this had when every tokenizer was a word vocabulary
 
 
-def encode_sentences(sentences: Sequence[Sequence[str]], vocab: Vocabulary, max_len: int) -> torch.Tensor:
-    """Token ids (N, max_len): ``bos``, the tokens, ``eos``, then ``pad``."""
-    batch = torch.full((len(sentences), max_len), vocab.pad_id, dtype=torch.long)
-    for row, tokens in enumerate(sentences):
-        ids = [vocab.bos_id, *vocab.encode(tokens), vocab.eos_id]
+def text_spec(data_dir: Path, tokenizer: TextTokenizer) -> TextSpec:
+    """Vocabulary size, sequence length (bos + longest sentence + eos) and special ids of prepared text."""
+    manifest = load_text_manifest(data_dir)
+    max_len = manifest.get("max_len", manifest["max_tokens"] + 2)
+    return TextSpec(vocab_size=len(tokenizer), max_len=max_len,
+                    pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+
+
+def encode_sentences(sentences: Sequence[Sequence[str]], tokenizer: TextTokenizer, max_len: int) -> torch.Tensor:
+    """Token ids (N, max_len) of sentences of words: ``bos``, the tokens, ``eos``, then ``pad``."""
+    batch = torch.full((len(sentences), max_len), tokenizer.pad_id, dtype=torch.long)
+    for row, words in enumerate(sentences):
+        ids = [tokenizer.bos_id, *tokenizer.encode(words), tokenizer.eos_id]
         if len(ids) > max_len:
-            raise ValueError(f"sentence {row} has {len(tokens)} tokens; "
+            raise ValueError(f"sentence {row} has {len(ids) - 2} tokens; "
                              f"max_len {max_len} leaves room for {max_len - 2}")
         batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     return batch

@@ -4,8 +4,8 @@ Images: every sample metric of ``genai_models.metrics.catalogue`` (FID, KID, pre
 density, coverage, Inception-style score, memorisation) in the feature space of the ``features``
 step, each with its 95% re-draw interval (``genai_models.metrics.intervals``), its real-data floor
 and its untrained-model ceiling; and, where the family has one, the test NLL in nats per image and
-bits/dim. Text: BLEU-2..4, Self-BLEU-2..4 and distinct-1/2 with intervals and the real-text
-yardstick, test NLL per token and perplexity.
+bits/dim. Text: BLEU-2..4, Self-BLEU-2..4 and distinct-1/2 (on words, whatever the tokenizer) with
+intervals and the real-text yardstick, test NLL per token, perplexity per token and per word.
 
 Samples are drawn plainly (``GenerativeModel.plain_sampling``): those are the comparable numbers.
 A family whose configured sampling is something else is measured that way too (``configured``).
@@ -30,6 +30,7 @@ from genai_models.metrics.catalogue import MetricValue, get_metric
 from genai_models.metrics.intervals import INTERVAL_HOW, bootstrap_intervals, mean_with_interval
 from genai_models.metrics.sample_quality import RealReference, SampleMetrics
 from genai_models.registry import get_family
+from genai_models.text import count_words
 from tasks import data, paths
 from tasks.checkpoints import load_model
 from tasks.config import PipelineConfig
@@ -219,24 +220,32 @@ def text_sample_metrics(sentences: list[list[str]], references: list[list[str]],
 
 
 def text_nll(model: GenerativeModel, device: torch.device) -> Measured:
-    """Exact test NLL per token and perplexity (eos counted, bos not)."""
-    vocab = data.load_vocab(paths.TEXT_DATA)
-    test = data.load_text(paths.TEXT_DATA, "test")
-    encoded = data.encode_sentences(test, vocab, model.spec.max_len)
+    """Exact test NLL per token, perplexity per token and per word (eos counted, bos not)."""
+    tokenizer = data.load_tokenizer(paths.TEXT_DATA)
+    test = data.load_text(paths.TEXT_DATA, "test")  # sentences of words
+    encoded = data.encode_sentences(test, tokenizer, model.spec.max_len)
     on_device = encoded.to(device)  # once; the per-sentence values stay on the device until the sum
     with torch.no_grad():
         total_nats = float(-torch.cat([model.log_likelihood(on_device[i:i + 256])
                                        for i in range(0, encoded.shape[0], 256)]).double().sum())
-    num_tokens = int((encoded[:, 1:] != model.spec.pad_id).sum())
-    how = f"exact; {len(test)} test sentences, {num_tokens} tokens (eos counted, bos not), vocabulary {len(vocab)}"
-    return Measured(values={"nll_per_token": total_nats / num_tokens, "perplexity": perplexity(total_nats, num_tokens)},
-                    how={"nll_per_token": how, "perplexity": how})
+    num_tokens, num_words = int((encoded[:, 1:] != model.spec.pad_id).sum()), count_words(test)
+    how = (f"exact; total test NLL / tokens (perplexity: its exp); {len(test)} test sentences, {num_tokens} "
+           f"{tokenizer.kind} tokens (eos counted once per sentence, bos not), vocabulary {len(tokenizer)}")
+    per_word = (f"exact; exp(total test NLL / words): the same NLL over {num_words} words ({len(test)} test "
+                f"sentences, eos counted once per sentence), words as the data step splits them for every "
+                f"tokenizer, so models with different tokenizers compare; {tokenizer.kind} tokenizer")
+    if tokenizer.kind == "word":
+        per_word += " (unseen words are one <unk> token, which flatters word models)"
+    return Measured(values={"nll_per_token": total_nats / num_tokens, "perplexity": perplexity(total_nats, num_tokens),
+                            "perplexity_per_word": perplexity(total_nats, num_words)},
+                    how={"nll_per_token": how, "perplexity": how, "perplexity_per_word": per_word})
 
 
 def generate_sentences(model: GenerativeModel, config: PipelineConfig) -> list[list[str]]:
-    vocab = data.load_vocab(paths.TEXT_DATA)
+    """Sentences of words drawn from ``model`` (its tokens decoded, whatever the tokenizer)."""
+    tokenizer = data.load_tokenizer(paths.TEXT_DATA)
     rows = draw_samples(model, config.evaluate.num_text_samples, config.evaluate.batch_size, config.sample_seed)
-    return [vocab.decode(row.tolist()) for row in rows]
+    return [tokenizer.decode(row.tolist()) for row in rows]
 
 
 def evaluate_text_model(model: GenerativeModel, config: PipelineConfig, device: torch.device, *,
@@ -247,7 +256,8 @@ def evaluate_text_model(model: GenerativeModel, config: PipelineConfig, device: 
     plain = model.plain_sampling()
     measured = text_sample_metrics(generate_sentences(plain or model, config), test, replicates, seed)
     configured = (text_sample_metrics(generate_sentences(model, config), test, replicates, seed) if plain else None)
-    setting = f"{count} generated sentences ({model.describe_sampling()}) vs {len(test)} test sentences"
+    setting = (f"{count} generated sentences ({model.describe_sampling()}) vs {len(test)} test sentences; "
+               f"on words (the {data.load_tokenizer(paths.TEXT_DATA).kind} tokens decoded)")
     for part in filter(None, (measured, configured)):
         for name in part.values:
             interval = f"; interval: {INTERVAL_HOW.format(replicates=replicates)}" if name in part.intervals else ""

@@ -25,6 +25,7 @@ from genai_models.metrics.sample_quality import RealReference, SampleMetrics, me
 from tasks import data, paths
 from tasks.checkpoints import save_torch
 from tasks.config import PipelineConfig
+from tasks.datasets import DataError
 from tasks.feature_space import REFERENCE_TEST, REFERENCE_TRAIN, extractor_description, load_inception
 from tasks.io import atomic_write_json, replace_directory
 from tasks.runtime import StepClock, deterministic_on, device_name, resolve_device, seed_everything
@@ -67,6 +68,7 @@ def train_classifier(config: PipelineConfig, device: torch.device) -> tuple[Digi
 def build_feature_extractor(config: PipelineConfig) -> Path:
     """Write ``models/feature_extractor/``: the extractor, the real reference, every metric's floor."""
     clock = StepClock("features")
+    check_feature_space(config)
     device = resolve_device(config.device)
     summary: dict = {"extractor": config.features.extractor, "description": extractor_description(config),
                      "device": device_name(device)}
@@ -86,6 +88,15 @@ def build_feature_extractor(config: PipelineConfig) -> Path:
         log.info("real-data floor: %s", ", ".join(f"{k} {v:.4g}" for k, v in summary["floor"].items()))
         atomic_write_json(tmp / "summary.json", {**summary, **clock.record()})
     return paths.FEATURE_EXTRACTOR
+
+
+def check_feature_space(config: PipelineConfig) -> None:
+    """The classifier extractor needs labels of two classes or more: refuse before any work otherwise."""
+    manifest = data.load_image_manifest(paths.IMAGE_DATA)
+    if config.features.extractor == "classifier" and manifest["num_classes"] < 2:
+        raise DataError(f"{manifest['dataset']}: the prepared images ({manifest['source']['location']}) have no "
+                        f"labels of two or more classes to train the FID feature classifier on "
+                        f"(features.extractor: classifier); set features.extractor: inception")
 
 
 def _embed(extractor: nn.Module, images: torch.Tensor, device: torch.device, what: str) -> tuple[np.ndarray, np.ndarray]:

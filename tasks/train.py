@@ -57,9 +57,9 @@ def load_training_data(modality: str) -> TrainingData:
         spec = data.image_spec(folder)
         split = lambda name: torch.from_numpy(data.load_images(folder, name)[0])  # noqa: E731
     else:
-        vocab = data.load_vocab(folder)
-        spec = data.text_spec(folder, vocab)
-        split = lambda name: data.encode_sentences(data.load_text(folder, name), vocab, spec.max_len)  # noqa: E731
+        tokenizer = data.load_tokenizer(folder)
+        spec = data.text_spec(folder, tokenizer)
+        split = lambda name: data.encode_sentences(data.load_text(folder, name), tokenizer, spec.max_len)  # noqa: E731
     binarized = modality == "image" and data.is_dynamically_binarized(folder)
     return TrainingData(split("train"), split("val"), spec, checksum, binarized)
 

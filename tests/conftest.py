@@ -35,21 +35,23 @@ TINY_CONFIGS: dict[str, dict] = {
 # through its persistent chains, which need a small learning rate to keep up (44 -> 17.5 nats in 1,000).
 OVERFIT_STEPS: dict[str, int] = {"rbm": 1000}
 TINY_IMAGE = ImageSpec(channels=1, height=8, width=8)
+TINY_RGB = ImageSpec(channels=3, height=4, width=4)  # colour: the contract suite runs image families on both
 TINY_TEXT = TextSpec(vocab_size=20, max_len=10, pad_id=0, bos_id=1, eos_id=2)
 
 
-def tiny_model(name: str, seed: int = 0):
+def tiny_model(name: str, seed: int = 0, image: ImageSpec = TINY_IMAGE):
     family = REGISTRY[name]
     torch.manual_seed(seed)
-    spec = TINY_IMAGE if family.modality == "image" else TINY_TEXT
+    spec = image if family.modality == "image" else TINY_TEXT
     return family.build(family.config_class(**TINY_CONFIGS[name]), spec)
 
 
-def tiny_batch(modality: str, batch_size: int = 8, seed: int = 0) -> torch.Tensor:
-    """A fixed batch: blocky uint8 images, or bos/tokens/eos/pad sequences of varied length."""
+def tiny_batch(modality: str, batch_size: int = 8, seed: int = 0, image: ImageSpec = TINY_IMAGE) -> torch.Tensor:
+    """A fixed batch: blocky uint8 images of ``image``'s shape, or bos/tokens/eos/pad sequences of varied length."""
     g = torch.Generator().manual_seed(seed)
     if modality == "image":
-        coarse = torch.randint(0, 256, (batch_size, 1, 4, 4), generator=g, dtype=torch.uint8)
+        c, h, w = image.channels, image.height, image.width
+        coarse = torch.randint(0, 256, (batch_size, c, h // 2, w // 2), generator=g, dtype=torch.uint8)
         return coarse.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
     batch = torch.full((batch_size, TINY_TEXT.max_len), TINY_TEXT.pad_id, dtype=torch.long)
     for row in range(batch_size):
@@ -62,6 +64,21 @@ def tiny_batch(modality: str, batch_size: int = 8, seed: int = 0) -> torch.Tenso
 
 @pytest.fixture(params=sorted(REGISTRY))
 def family_name(request) -> str:
+    return request.param
+
+
+def _family_cases() -> list:
+    cases = []
+    for name in sorted(REGISTRY):
+        cases.append(pytest.param((name, TINY_IMAGE), id=name))
+        if REGISTRY[name].modality == "image":
+            cases.append(pytest.param((name, TINY_RGB), id=f"{name}-rgb"))
+    return cases
+
+
+@pytest.fixture(params=_family_cases())
+def family_case(request) -> tuple[str, ImageSpec]:
+    """(family, image spec): every family on grey 1x8x8 images, and every image family on RGB 3x4x4 (cheap)."""
     return request.param
 
 

@@ -222,10 +222,13 @@ def test_torchvision_mnist_from_local_archives(tmp_path: Path) -> None:
 
 
 # --- text ----------------------------------------------------------------------------------
+WORD = TextDataConfig(tokenizer="word")  # the word vocabulary; tests/test_text_tokenizers.py covers char and bpe
+
+
 @pytest.fixture(scope="module")
 def lee_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("lee") / "text"
-    prepare_text(TextDataConfig(), seed=0, out_dir=out)
+    prepare_text(WORD, seed=0, out_dir=out)
     return out
 
 
@@ -246,14 +249,14 @@ def test_lee_news(lee_dir: Path) -> None:
 
 
 def test_text_outputs_are_byte_identical(lee_dir: Path, tmp_path: Path) -> None:
-    prepare_text(TextDataConfig(), seed=0, out_dir=tmp_path / "again")
+    prepare_text(WORD, seed=0, out_dir=tmp_path / "again")
     assert file_hashes(tmp_path / "again") == file_hashes(lee_dir)
-    prepare_text(TextDataConfig(), seed=1, out_dir=tmp_path / "seed1")
+    prepare_text(WORD, seed=1, out_dir=tmp_path / "seed1")
     assert file_hashes(tmp_path / "seed1")["val.txt"] != file_hashes(lee_dir)["val.txt"]
 
 
 def test_prepare_dispatches_on_modality(lee_dir: Path, tmp_path: Path) -> None:
-    config = PipelineConfig.model_construct(seed=0, data=DataConfig())  # no families needed for the data step
+    config = PipelineConfig.model_construct(seed=0, data=DataConfig(text=WORD))  # no families needed for the data step
     manifest = prepare("text", config, tmp_path / "text")
     assert manifest == load_text_manifest(lee_dir)
     with pytest.raises(ValueError, match="audio"):

@@ -22,9 +22,16 @@ def test_registering_a_duplicate_name_is_an_error():
         register("vae", family.config_class, family.model_class)
 
 
-def test_loss_is_finite_and_gradients_reach_every_parameter(family_name):
-    model = tiny_model(family_name)
-    terms = model.loss(tiny_batch(model.modality))
+def _case(family_case, seed: int = 0):
+    """The tiny model of a (family, image spec) case and a batch of its data."""
+    name, image = family_case
+    model = tiny_model(name, seed=seed, image=image)
+    return model, tiny_batch(model.modality, image=image)
+
+
+def test_loss_is_finite_and_gradients_reach_every_parameter(family_case):
+    model, batch = _case(family_case)
+    terms = model.loss(batch)
     assert terms["loss"].ndim == 0 and torch.isfinite(terms["loss"])
     terms["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -32,23 +39,26 @@ def test_loss_is_finite_and_gradients_reach_every_parameter(family_name):
     assert any(p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_a_training_step_changes_the_weights(family_name):
-    model = tiny_model(family_name)
+def test_a_training_step_changes_the_weights(family_case):
+    model, batch = _case(family_case)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     settings = TrainSettings(learning_rate=1e-2)
-    terms = model.training_step(tiny_batch(model.modality), model.configure_optimizers(settings),
+    terms = model.training_step(batch, model.configure_optimizers(settings),
                                 Precision(torch.device("cpu"), enabled=True), settings)
     assert all(torch.isfinite(v) for v in terms.values())
     changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
     assert len(changed) == len(before), f"unchanged: {set(before) - set(changed)}"
 
 
-def test_samples_have_the_data_shape_and_range(family_name):
-    model = tiny_model(family_name).eval()
+def test_samples_have_the_data_shape_and_range(family_case):
+    model = _case(family_case)[0].eval()
     samples = model.sample(5, torch.Generator().manual_seed(0))
     if model.modality == "image":
-        assert samples.shape == (5, TINY_IMAGE.channels, TINY_IMAGE.height, TINY_IMAGE.width)
+        image = family_case[1]
+        assert samples.shape == (5, image.channels, image.height, image.width)
         assert samples.dtype == torch.uint8
+        if image.channels == 3:  # the channels are drawn, not copies of one grey image
+            assert not torch.equal(samples[:, 0], samples[:, 1]) and not torch.equal(samples[:, 1], samples[:, 2])
     else:
         assert samples.shape == (5, TINY_TEXT.max_len) and samples.dtype == torch.long
         assert (samples[:, 0] == TINY_TEXT.bos_id).all()
@@ -59,8 +69,8 @@ def test_samples_have_the_data_shape_and_range(family_name):
             assert TINY_TEXT.pad_id not in row[:row.index(TINY_TEXT.eos_id)]
 
 
-def test_same_seed_same_samples_other_seed_other_samples(family_name):
-    model = tiny_model(family_name).eval()
+def test_same_seed_same_samples_other_seed_other_samples(family_case):
+    model = _case(family_case)[0].eval()
     first = model.sample(6, torch.Generator().manual_seed(3))
     again = model.sample(6, torch.Generator().manual_seed(3))
     other = model.sample(6, torch.Generator().manual_seed(4))
@@ -68,27 +78,28 @@ def test_same_seed_same_samples_other_seed_other_samples(family_name):
     assert not torch.equal(first, other)
 
 
-def test_save_load_gives_the_same_model(family_name, tmp_path):
-    model = tiny_model(family_name, seed=1).eval()
+def test_save_load_gives_the_same_model(family_case, tmp_path):
+    model, batch = _case(family_case, seed=1)
+    model.eval()
     path = tmp_path / "model.pt"
-    save_torch(model_checkpoint(model, family_name), path)
+    save_torch(model_checkpoint(model, family_case[0]), path)
     loaded = load_model(path)
-    assert type(loaded) is type(model) and loaded.config == model.config
+    assert type(loaded) is type(model) and loaded.config == model.config and loaded.spec == model.spec
     generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert torch.equal(model.sample(4, generator()), loaded.sample(4, generator()))
     if model.has_likelihood:
-        batch = tiny_batch(model.modality)
         assert torch.allclose(model.log_likelihood(batch, generator=generator()),
                               loaded.log_likelihood(batch, generator=generator()))
 
 
-def test_log_likelihood_is_per_example_and_at_most_zero(family_name):
-    model = tiny_model(family_name).eval()
+def test_log_likelihood_is_per_example_and_at_most_zero(family_case):
+    model, batch = _case(family_case)
+    model.eval()
     if not model.has_likelihood:
         with pytest.raises(NotImplementedError):
-            model.log_likelihood(tiny_batch(model.modality))
+            model.log_likelihood(batch)
         return
-    ll = model.log_likelihood(tiny_batch(model.modality), generator=torch.Generator().manual_seed(0))
+    ll = model.log_likelihood(batch, generator=torch.Generator().manual_seed(0))
     assert ll.shape == (8,) and torch.isfinite(ll).all() and (ll <= 0).all()
 
 

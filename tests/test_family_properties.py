@@ -90,16 +90,17 @@ def test_flow_importance_weighted_bound_is_tighter_than_one_draw():
 
 
 # --- PixelCNN -------------------------------------------------------------------------------
-@pytest.mark.parametrize("channels", [1, 3])
-def test_pixelcnn_is_causal_in_raster_order_without_a_blind_spot(channels):
+@pytest.mark.parametrize(("channels", "hidden"), [(1, 8), (3, 24), (3, 26)])
+def test_pixelcnn_is_causal_in_raster_order_without_a_blind_spot(channels, hidden):
     """d logits(r, c, ch) / d x is non-zero exactly on the sub-pixels before (r, c, ch).
 
     6 layers reach 6 rows up and 6 columns left, more than this 5 x 5 image, so every earlier
     sub-pixel must matter: a blind spot (e.g. the pixels up and to the right) would show as a zero.
-    (8 hidden units per channel group, so that the head's ReLUs are not all off at one pixel.)
+    (About 8 hidden units per channel group, so that the head's ReLUs are not all off at one pixel;
+    26 units split unevenly into groups of 9, 9 and 8.)
     """
     torch.manual_seed(0)
-    model = PixelCNN(PixelCNNConfig(hidden_channels=8 * channels, num_layers=6), ImageSpec(channels, 5, 5)).double()
+    model = PixelCNN(PixelCNNConfig(hidden_channels=hidden, num_layers=6), ImageSpec(channels, 5, 5)).double()
     x = torch.rand(1, channels, 5, 5, dtype=torch.float64) * 2 - 1
     for r, c, ch in [(0, 0, 0), (2, 1, 0), (2, 3, channels - 1), (4, 4, channels // 2)]:
         inputs = x.clone().requires_grad_(True)
@@ -108,6 +109,17 @@ def test_pixelcnn_is_causal_in_raster_order_without_a_blind_spot(channels):
         earlier = torch.tensor([[[(rr, cc, k) < (r, c, ch) for cc in range(5)] for rr in range(5)]
                                 for k in range(channels)])
         assert torch.equal(influence, earlier), f"pixel ({r}, {c}), channel {ch}"
+
+
+def test_pixelcnn_channel_groups_are_contiguous_and_near_equal():
+    from genai_models.pixelcnn import channel_groups
+
+    assert channel_groups(32, 1).tolist() == [0] * 32
+    assert channel_groups(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.bincount(channel_groups(32, 3)).tolist() == [11, 11, 10]
+    assert channel_groups(8, 3, gated=True).tolist() == [0, 0, 1, 2] * 2  # both halves of a gate alike
+    with pytest.raises(ValueError, match="at least the 3 image channels"):
+        PixelCNN(PixelCNNConfig(hidden_channels=2), ImageSpec(3, 4, 4))
 
 
 def test_pixelcnn_incremental_sampler_sees_the_full_network_conditionals():

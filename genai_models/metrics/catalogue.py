@@ -134,6 +134,8 @@ METRICS: tuple[Metric, ...] = (
           interval=False, bounds=_POSITIVE),
     _text("perplexity", "perplexity", "lower", "exp(test NLL per token)", interval=False, verdict="likelihood",
           bounds=(1.0, None)),
+    _text("perplexity_per_word", "perplexity / word", "lower",
+          "exp(total test NLL / words): compares models whose tokenizers differ", interval=False, bounds=(1.0, None)),
 )
 
 CATALOGUE: dict[str, Metric] = {}
