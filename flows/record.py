@@ -109,8 +109,9 @@ def publish_artifacts(root: Path, config: PipelineConfig, run_name: str | None, 
     report = (root / config.report.path).resolve()
     create_link_artifact(key=REPORT_ARTIFACT, link=report.as_uri(),
                          link_text=f"report of {run_name or 'this run'} ({report.name})",
-                         description=f"The HTML report in {root}; an older run's report comes back with "
-                                     f"`dvc exp apply <run> && dvc checkout {config.report.path}`")
+                         description=f"The HTML report in {root}. The report of this run, once a later one has "
+                                     f"replaced it: `dvc get . {config.report.path} --rev {run_name or '<run>'} "
+                                     f"-o old-report.html`")
     return summary
 
 
