@@ -1,17 +1,6 @@
-"""``genai-pipeline``: the console script (pyproject ``[project.scripts]``), one name for every entry point.
-
-    genai-pipeline run [-S KEY=VALUE ...] [--force] [--params FILE]   the Prefect flow (python -m flows.pipeline)
-    genai-pipeline serve [--cron CRON | --interval SECONDS]            scheduled retraining (python -m flows.deploy)
-    genai-pipeline prepare image|text                                  one step, as dvc.yaml runs it
-    genai-pipeline features                                            (python -m flows.cli ...)
-    genai-pipeline train FAMILY
-    genai-pipeline evaluate FAMILY
-    genai-pipeline report
-    genai-pipeline check                                               validate params.yaml
-    genai-pipeline history [-n N]                                      the recorded runs, newest first
-
-``genai-pipeline COMMAND --help`` describes each one.
-"""
+"""``genai-pipeline``: the console script (pyproject ``[project.scripts]``), one name for every entry
+point: the flow (flows/pipeline.py), the scheduled deployment (flows/deploy.py), each stage's step
+(flows/cli.py, what dvc.yaml runs) and the run history (tasks/history.py)."""
 
 from __future__ import annotations
 
@@ -19,12 +8,25 @@ import argparse
 import sys
 
 STEPS = ("prepare", "features", "train", "evaluate", "report", "check")
+USAGE = """usage: genai-pipeline COMMAND [ARGS]
+
+  genai-pipeline run [-S KEY=VALUE ...] [--force] [--params FILE]   the Prefect flow (python -m flows.pipeline)
+  genai-pipeline serve [--cron CRON | --interval SECONDS]            scheduled retraining (python -m flows.deploy)
+  genai-pipeline prepare image|text                                  one step, as dvc.yaml runs it
+  genai-pipeline features                                            (python -m flows.cli ...)
+  genai-pipeline train FAMILY
+  genai-pipeline evaluate FAMILY
+  genai-pipeline report
+  genai-pipeline check                                               validate params.yaml
+  genai-pipeline history [-n N]                                      the recorded runs, newest first
+
+genai-pipeline COMMAND --help describes each one."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "run":

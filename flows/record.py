@@ -86,8 +86,7 @@ def record_run(root: Path, ran: list[str], message: str, now: datetime | None = 
         with dvc_lock(root), Repo(str(root)) as repo:
             repo.experiments.save(name=name, include_untracked=untracked, message=message)
     except DvcException as err:
-        raise NotRecorded(f"dvc exp save failed: {err} (a git identity is needed to commit: git config user.name "
-                          "and user.email)") from err
+        raise NotRecorded(f"dvc exp save {name} failed: {err}") from err
     return name, True
 
 

@@ -149,7 +149,7 @@ The vae's FID is 45 [42, 48] when it trains fewer than 10 steps, else 30 [28, 32
 import copy
 import sys
 
-sys.path.append({root!r})  # the checkout's tests package; this copy's own code comes first
+sys.path.insert(1, {root!r})  # the checkout's tests package; this copy's own code (sys.path[0]) comes first
 from tasks.config import load_params  # noqa: E402
 from tests import fake_run  # noqa: E402
 
