@@ -199,9 +199,9 @@ def record_run(root: Path, ran: list[str], message: str) -> tuple[str | None, st
 
 
 @task(retries=2, retry_delay_seconds=[2, 10])
-def publish_artifacts(root: Path, config: PipelineConfig, run_name: str | None, ran: list[str]) -> dict:
+def publish_artifacts(root: Path, config: PipelineConfig, run_name: str | None, ran: list[str], note: str) -> dict:
     """The metrics table, the verdict and the report link as Prefect artifacts; returns the report's summary."""
-    return record.publish_artifacts(root, config, run_name, ran)
+    return record.publish_artifacts(root, config, run_name, ran, note)
 
 
 def make_task_runner(orchestration: OrchestrationConfig):
@@ -257,12 +257,12 @@ def pipeline(repo_root: str = ".", params_file: str = "params.yaml", force: bool
             runs = [future.result() for future in futures.values()]
             ran = [r.name for r in runs if r.ran]
             run_name, recorded = record_run(root, ran, _record_message(params_file, overrides, ran))
+        summary = publish_artifacts(root, config, run_name, ran, recorded)  # under the lock: this run's report
     if ran:
         logger.info("ran %d of %d stages: %s", len(ran), len(runs),
                     ", ".join(f"{r.name} ({r.wall_s} s)" for r in runs if r.ran))
     else:
         logger.info("nothing changed: all %d stages are up to date", len(runs))
-    summary = publish_artifacts(root, config, run_name, ran)
     # Regressions count when this run made the report that flags them (a run that changed nothing has none).
     regressions = summary.get("regressions", []) if "report" in ran else []
     result = {"ran": [asdict(r) for r in runs if r.ran], "stages": len(runs), "report": str(root / config.report.path),

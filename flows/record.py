@@ -90,7 +90,8 @@ def record_run(root: Path, ran: list[str], message: str, now: datetime | None = 
     return name, True
 
 
-def publish_artifacts(root: Path, config: PipelineConfig, run_name: str | None, ran: list[str]) -> dict:
+def publish_artifacts(root: Path, config: PipelineConfig, run_name: str | None, ran: list[str],
+                      note: str = "") -> dict:
     """Create the three artifacts in the current flow run from ``reports/summary.json``; returns that summary
     (empty, and nothing published, when there is none: a pipeline without the report stage)."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -103,7 +104,7 @@ def publish_artifacts(root: Path, config: PipelineConfig, run_name: str | None, 
     create_table_artifact(key=METRICS_ARTIFACT, table=metric_rows(summary),
                           description=f"Every metric of run {run_name or '(not recorded)'}, with its 95% interval "
                                       f"and its change since {_previous_name(summary)}")
-    create_markdown_artifact(key=VERDICT_ARTIFACT, markdown=verdict_markdown(summary, run_name, ran),
+    create_markdown_artifact(key=VERDICT_ARTIFACT, markdown=verdict_markdown(summary, run_name, ran, note),
                              description="The report's verdict and the regressions since the previous run")
     report = (root / config.report.path).resolve()
     create_link_artifact(key=REPORT_ARTIFACT, link=report.as_uri(),
@@ -130,8 +131,8 @@ def metric_rows(summary: dict) -> list[dict]:
              "regression": "REGRESSION" if row["regression"] else ""} for row in summary.get("metrics", [])]
 
 
-def verdict_markdown(summary: dict, run_name: str | None, ran: list[str]) -> str:
-    """The markdown artifact: regressions first, then the verdict, params changes and what ran."""
+def verdict_markdown(summary: dict, run_name: str | None, ran: list[str], note: str = "") -> str:
+    """The markdown artifact: regressions first, then the verdict, params changes, what ran and its record."""
     previous = summary.get("previous_run")
     lines = [f"# genai-pipeline: {run_name or 'run not recorded'}", ""]
     if previous is None:
@@ -151,6 +152,5 @@ def verdict_markdown(summary: dict, run_name: str | None, ran: list[str]) -> str
     stages = ", ".join(ran) if ran else ("none (everything was up to date; the results and the comparison above "
                                          "are those of the last run that changed them)")
     lines += ["", "## This run", f"- stages run: {stages}", f"- report: `{summary.get('report', '')}`"]
-    if run_name:
-        lines.append(f"- recorded as DVC experiment `{run_name}` (`dvc exp show`)")
+    lines.append(f"- run record: {note or run_name or 'none'}" + (" (`dvc exp show`)" if run_name else ""))
     return "\n".join(lines) + "\n"
