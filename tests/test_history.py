@@ -13,6 +13,7 @@ from genai_models.metrics.catalogue import CATALOGUE, MetricValue
 from tasks import history
 from tasks.config import load_params
 from tasks.report import build_report
+from tests.browser import needs_chromium, render
 from tests.fake_run import IMAGE_METRICS, make_fake_run
 from tests.pipeline_repo import clean_env, make_results_repo, run
 
@@ -122,6 +123,20 @@ def test_the_report_compares_with_the_previous_recorded_run_and_flags_the_regres
     # Recording leaves the checkout as it was: only the run's own files differ from the commit.
     status = run(["git", "status", "--porcelain"], root, clean_env(root)).stdout.splitlines()
     assert sorted(status) == ["?? dvc.lock", "?? metrics/"], status
+
+
+@needs_chromium
+def test_the_compared_report_renders_in_a_browser_within_the_window(results_repo, tmp_path):
+    """The change lines under every value and the trend charts keep every table inside 1280 px."""
+    _run_pipeline_in_process(results_repo)
+    record.record_run(results_repo, ["results", "report"], "first", now=_at(1))
+    worse = json.loads(json.dumps(IMAGE_METRICS))
+    worse["vae"]["fid"].update(value=45.0, low=42.0, high=48.0)
+    page = _run_pipeline_in_process(results_repo, worse)
+    assert "⚠ +15 (+50%)" in page.read_text()
+    console, pixels = render(page, tmp_path / "report.png", height=7000)
+    assert console == [], console
+    assert pixels[:, 1250:].min() == 255  # nothing drawn in the right margin: every table fits
 
 
 def _at(second: int):
