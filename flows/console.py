@@ -66,7 +66,7 @@ def history(argv: list[str]) -> int:
         return 2
     records = runs.read_history(list(config.families), args.n + 1)
     if not records:
-        print("no recorded runs on this branch's commits (on a fresh clone: dvc exp pull -A origin)")
+        print("no recorded runs on this branch's commits (on a fresh clone: dvc exp pull --no-cache -A origin)")
         return 0
     for record, before in zip(records[:args.n], records[1:] + [None]):
         data = ", ".join(f"{path} {md5[:8]}" for path, md5 in sorted(record.data.items()))

@@ -91,7 +91,9 @@ def push_run_record(root: Path, run_name: str | None) -> str | None:
             logger.warning("run record %s stays in this checkout: no git remote %r (git remote add origin URL, "
                            "or dvc config exp.git_remote NAME)", run_name, remote)
             return None
-        repo.experiments.push(remote, [run_name], push_cache=False)  # the outputs went with dvc push
+        # The outputs went with dvc push. Pushing them again from the experiment's revision would resolve
+        # a relative remote url (the default ../dvc-storage) from / in DVC 3.67, outside the checkout.
+        repo.experiments.push(remote, [run_name], push_cache=False)
     logger.info("dvc exp push: run record %s pushed to git remote %r", run_name, remote)
     return remote
 

@@ -5,8 +5,9 @@ commit under ``refs/exps/`` with the run's ``dvc.lock``, ``params.yaml`` and ``m
 of the commit it ran on (so: its metrics, git commit, data and model hashes, params and time). The
 branch, the index and the working tree are left as they were. ``dvc exp show``, ``dvc metrics
 diff run-A run-B``, DVC Studio and the report's "since the previous run" (``tasks/history.py``)
-read these records; ``dvc exp push origin`` shares them (``flows/deploy.py`` does, after each
-scheduled run), and ``dvc exp pull -A origin`` brings them into a fresh clone. A run that ran no
+read these records; ``dvc exp push --no-cache origin`` shares them (``flows/deploy.py`` does, after
+each scheduled run's ``dvc push``), and ``dvc exp pull --no-cache -A origin`` brings them into a fresh
+clone (README "Run history" says why ``--no-cache``). A run that ran no
 stage, on the commit and with the ``dvc.lock`` and params of the newest record, is that record
 again and is not saved twice.
 
