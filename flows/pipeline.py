@@ -6,19 +6,29 @@ out of date (its deps, params or outs changed), runs the stage's own command if 
 records the result in ``dvc.lock`` (``dvc commit``). So a flow run and ``dvc repro``
 do the same work, skip the same things, and a ``dvc repro`` after a flow run is a no-op.
 
-What Prefect adds: runs on a schedule (see flows/deploy.py), retries, concurrency of
-independent stages (threads, or a Dask cluster: params.yaml ``orchestration``) with one
-stage per GPU (flows/gpus.py), and a UI with every stage's logs. One run per checkout at a time; a run whose process was killed
-is marked Crashed by the next one (flows/run_lock.py).
+What Prefect adds: runs on a schedule (see flows/deploy.py), retries (a stage whose process
+was killed, e.g. by the OOM killer, runs once more and resumes; a stage that failed by itself
+does not, since it would fail the same way), concurrency of independent stages (threads, or a
+Dask cluster: params.yaml ``orchestration``) with one stage per GPU (flows/gpus.py), a UI with
+every stage's logs, and three artifacts per run: the metrics table, the verdict with any
+regressions, and a link to the report (flows/record.py). One run per checkout at a time; a run
+whose process was killed is marked Crashed by the next one (flows/run_lock.py).
 
-    python -m flows.pipeline            # run (starts a temporary Prefect server if none is configured)
-    python -m flows.pipeline --force    # re-run every stage
+Every finished run is recorded as a DVC experiment (``dvc exp show``), and the report compares
+it with the previous one (tasks/history.py). With ``report.fail_on_regression`` a run whose
+report flags a regression ends Failed.
+
+    python -m flows.pipeline                            # run (starts a temporary Prefect server if none is configured)
+    python -m flows.pipeline --force                    # re-run every stage
+    python -m flows.pipeline -S families.vae.train.steps=100   # override params for this run (dvc exp run -S syntax)
+    python -m flows.pipeline --params other.yaml        # run with other.yaml in place of params.yaml
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,10 +45,12 @@ from prefect.futures import wait  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
+from flows import record  # noqa: E402
 from flows.gpus import POOLS, GpuPlan, GpuPool, dask_cluster_kwargs, plan_stages, stage_gpus, visible_gpus  # noqa: E402
+from flows.overrides import load_run_params, params_in_place, restore_left_behind, run_params  # noqa: E402
 from flows.run_lock import FLOW_RUN_ENV, PipelineBusy, dvc_lock, reserve, run_lock  # noqa: E402
 from flows.watchdog import stop_children_with_this_process  # noqa: E402
-from tasks.config import OrchestrationConfig, ParamsError, PipelineConfig, load_params  # noqa: E402
+from tasks.config import OrchestrationConfig, ParamsError, PipelineConfig  # noqa: E402
 from tasks.datasets import DataError, check_sources  # noqa: E402
 from tasks.io import atomic_write_json  # noqa: E402
 
@@ -56,6 +68,37 @@ class StageRun:
     finished: float = 0.0
     worker: str = ""       # host:pid of the process that ran the stage's command
     cuda_visible_devices: str | None = None  # the GPUs it was given ("" none; None: not pinned)
+
+
+class StageFailed(RuntimeError):
+    """A stage's command exited non-zero; ``killed`` when a signal ended it (SIGKILL: OOM killer, preemption)."""
+
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+    @property
+    def killed(self) -> bool:
+        # A shell passes on the signal's death (-9), or reports it as 128 + 9 when the shell itself stayed.
+        return self.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
+
+
+class RegressionFlagged(RuntimeError):
+    """The run's report flagged regressions and ``report.fail_on_regression`` is set."""
+
+    def __init__(self, message: str, result: dict) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def retry_if_killed(task, task_run, state) -> bool:
+    """Prefect retry condition: retry a stage only when its process was killed (it resumes where it was).
+
+    A stage that exits with an error by itself (bad input, diverged training, a bug) would fail the
+    same way again, so it is not retried.
+    """
+    error = state.data if isinstance(state.data, BaseException) else None
+    return isinstance(error, StageFailed) and error.killed
 
 
 def stage_order(repo_root: Path) -> list[tuple[str, str, list[str]]]:
@@ -101,7 +144,7 @@ def _stage_environment(parallel: int, flow_run_id: str, cuda_visible_devices: st
     return env
 
 
-@task(task_run_name="{name}")
+@task(task_run_name="{name}", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_if_killed)
 def reproduce_stage(repo_root: Path, name: str, command: str, force: bool, parallel: int,
                     gpu_plan: GpuPlan = GpuPlan()) -> StageRun:
     """Bring one DVC stage up to date: run its command if DVC says it changed, then commit it.
@@ -126,7 +169,9 @@ def reproduce_stage(repo_root: Path, name: str, command: str, force: bool, paral
             logger.info("%s | %s", name, line.rstrip())
             tail = (tail + [line.rstrip()])[-20:]
         if process.wait() != 0:
-            raise RuntimeError(f"stage {name} failed (exit {process.returncode}):\n" + "\n".join(tail))
+            how = (f"killed by signal {abs(process.returncode) if process.returncode < 0 else process.returncode - 128}"
+                   if StageFailed("", process.returncode).killed else f"exit {process.returncode}")
+            raise StageFailed(f"stage {name} failed ({how}):\n" + "\n".join(tail), process.returncode)
         wall = time.perf_counter() - start
     commit_stage(repo_root, name)
     logger.info("%s done in %.1f s", name, wall)
@@ -145,14 +190,35 @@ def _describe(changes: list) -> str:
     return "; ".join(parts)
 
 
-def check_inputs(root: Path, params_file: str = "params.yaml") -> PipelineConfig:
-    """Validate params.yaml and check the data it names is there: one clear error before any work.
+def check_inputs(root: Path, params_file: str = "params.yaml", overrides: list[str] | tuple = ()) -> PipelineConfig:
+    """Validate the run's params (``params_file`` with ``-S`` ``overrides``) and check the data they name
+    is there: one clear error before any work.
 
     Raises ``ParamsError`` or ``DataError``.
     """
-    config = load_params(root / params_file)
+    config = load_run_params(root, run_params(root, params_file, overrides), params_file, overrides)
     check_sources(config.data.images, config.data.text, base=root, extractor=config.features.extractor)
     return config
+
+
+@task(retries=1, retry_delay_seconds=5)
+def record_run(root: Path, ran: list[str], message: str) -> tuple[str | None, str]:
+    """Save the finished run as a DVC experiment: (its name or None, what happened)."""
+    logger = get_run_logger()
+    try:
+        name, new = record.record_run(root, ran, message)
+    except record.NotRecorded as err:
+        logger.error("this run is not recorded: %s", err)
+        return None, f"not recorded: {err}"
+    what = f"recorded as DVC experiment {name}" if new else f"nothing changed since run {name}: not recorded again"
+    logger.info("%s (dvc exp show)", what)
+    return name, what
+
+
+@task(retries=2, retry_delay_seconds=[2, 10])
+def publish_artifacts(root: Path, config: PipelineConfig, run_name: str | None, ran: list[str], note: str) -> dict:
+    """The metrics table, the verdict and the report link as Prefect artifacts; returns the report's summary."""
+    return record.publish_artifacts(root, config, run_name, ran, note)
 
 
 def make_task_runner(orchestration: OrchestrationConfig, gpus: list[str] | None = None):
@@ -198,53 +264,86 @@ def _dask_resources(plan: GpuPlan) -> contextlib.AbstractContextManager:
 
 
 @flow(name="genai-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def pipeline(repo_root: str = ".", params_file: str = "params.yaml", force: bool = False) -> dict:
-    """Run every out-of-date stage of dvc.yaml; returns what ran and the report's path."""
+def pipeline(repo_root: str = ".", params_file: str = "params.yaml", force: bool = False,
+             overrides: list[str] | None = None) -> dict:
+    """Run every out-of-date stage of dvc.yaml, record the run, publish its artifacts; returns what ran,
+    the run's record and the report's path. Raises ``RegressionFlagged`` (the run ends Failed) when the
+    report flags a regression and ``report.fail_on_regression`` is set."""
     logger = get_run_logger()
     root = Path(repo_root).resolve()
-    config = check_inputs(root, params_file)  # invalid params or missing data stop the run before any work
-    stages = stage_order(root)
-    gpus = visible_gpus(config)
-    plans = plan_stages(config, {name: command for name, command, _ in stages}, gpus, pool=str(flow_run.id))
-    if gpus:
-        logger.info("GPUs handed out one stage at a time each: %s (%s task runner)", ", ".join(gpus),
-                    config.orchestration.task_runner)
-        POOLS[str(flow_run.id)] = GpuPool(gpus)
+    overrides = list(overrides or [])
+    config = check_inputs(root, params_file, overrides)  # invalid params or missing data stop the run before any work
     with run_lock(root, flow_run.id) as crashed:
         for run_id in crashed:
             logger.warning("an earlier run (flow run %s) was killed before it finished: marked Crashed", run_id)
-        futures = {}
-        try:
-            for name, command, upstream in stages:
-                with _dask_resources(plans[name]):
-                    futures[name] = reproduce_stage.submit(root, name, command, force,
-                                                           config.orchestration.max_parallel_stages, plans[name],
-                                                           wait_for=[futures[u] for u in upstream])
-            wait(list(futures.values()))  # leave the lock only when no stage is running
-        finally:
-            POOLS.pop(str(flow_run.id), None)
-        runs = [future.result() for future in futures.values()]
-    ran = [r for r in runs if r.ran]
+        if repaired := restore_left_behind(root):
+            logger.warning("%s", repaired)
+            config = check_inputs(root, params_file, overrides)
+        with params_in_place(root, run_params(root, params_file, overrides)):
+            stages = stage_order(root)
+            gpus = visible_gpus(config)
+            plans = plan_stages(config, {name: command for name, command, _ in stages}, gpus, pool=str(flow_run.id))
+            if gpus:
+                logger.info("GPUs handed out one stage at a time each: %s (%s task runner)", ", ".join(gpus),
+                            config.orchestration.task_runner)
+                POOLS[str(flow_run.id)] = GpuPool(gpus)
+            futures = {}
+            try:
+                for name, command, upstream in stages:
+                    with _dask_resources(plans[name]):
+                        futures[name] = reproduce_stage.submit(root, name, command, force,
+                                                               config.orchestration.max_parallel_stages, plans[name],
+                                                               wait_for=[futures[u] for u in upstream])
+                wait(list(futures.values()))  # leave the lock only when no stage is running
+            finally:
+                POOLS.pop(str(flow_run.id), None)
+            runs = [future.result() for future in futures.values()]
+            ran = [r.name for r in runs if r.ran]
+            run_name, recorded = record_run(root, ran, _record_message(params_file, overrides, ran))
+        summary = publish_artifacts(root, config, run_name, ran, recorded)  # under the lock: this run's report
     if ran:
-        logger.info("ran %d of %d stages: %s", len(ran), len(runs), ", ".join(f"{r.name} ({r.wall_s} s)" for r in ran))
+        logger.info("ran %d of %d stages: %s", len(ran), len(runs),
+                    ", ".join(f"{r.name} ({r.wall_s} s)" for r in runs if r.ran))
     else:
         logger.info("nothing changed: all %d stages are up to date", len(runs))
-    result = {"ran": [asdict(r) for r in ran], "stages": len(runs), "report": str(root / config.report.path),
-              "flow_run": str(flow_run.id), "task_runner": config.orchestration.task_runner}
+    # Regressions count when this run made the report that flags them (a run that changed nothing has none).
+    regressions = summary.get("regressions", []) if "report" in ran else []
+    result = {"ran": [asdict(r) for r in runs if r.ran], "stages": len(runs), "report": str(root / config.report.path),
+              "flow_run": str(flow_run.id), "task_runner": config.orchestration.task_runner, "run_record": run_name,
+              "recorded": recorded, "previous_run": (summary.get("previous_run") or {}).get("name"),
+              "regressions": regressions, "overrides": overrides, "params_file": params_file}
     atomic_write_json(root / LAST_RUN, result)
+    for line in regressions:
+        logger.warning("regression since run %s: %s", result["previous_run"], line)
+    if regressions and config.report.fail_on_regression:
+        raise RegressionFlagged(f"{len(regressions)} regression(s) flagged and report.fail_on_regression is set: "
+                                + " ".join(regressions), result)
     return result
+
+
+def _record_message(params_file: str, overrides: list[str], ran: list[str]) -> str:
+    """The experiment commit's message: what ran, and with which params."""
+    source = "" if params_file == "params.yaml" else f" --params {params_file}"
+    sets = "".join(f" -S {o}" for o in overrides)
+    return (f"genai-pipeline run (flow run {flow_run.name}, {flow_run.id}){source}{sets}\n\n"
+            f"stages run: {', '.join(ran) or 'none'}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", default=".", help="repository root holding dvc.yaml and params.yaml")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", metavar="FILE",
+                        help="run with FILE in place of params.yaml (it is params.yaml while the run works; the "
+                             "checkout's own comes back afterwards)")
+    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for this run, as `dvc exp run -S` does (repeatable; +key=value adds "
+                             "a key, ~key removes one)")
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     args = parser.parse_args(argv)
     root = Path(args.repo).resolve()
     try:
-        config = check_inputs(root, args.params)
+        config = check_inputs(root, args.params, args.overrides)
         gpus = visible_gpus(config)
         with reserve(root):  # before any Prefect server starts: a refused run starts and records nothing
             # Should this process be killed, a watchdog stops what it started (the temporary
@@ -252,12 +351,32 @@ def main(argv: list[str] | None = None) -> int:
             stop_children_with_this_process()
             start_temporary_server()
             runner = make_task_runner(config.orchestration, gpus)
-            result = pipeline.with_options(task_runner=runner)(args.repo, args.params, args.force)
+            try:
+                result = pipeline.with_options(task_runner=runner)(args.repo, args.params, args.force, args.overrides)
+            except RegressionFlagged as err:
+                print_outcome(err.result)
+                print(f"error: {err}", file=sys.stderr)
+                return 1
     except (ParamsError, DataError, PipelineBusy) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line
         return 2
-    print(f"report: {result['report']}")
+    print_outcome(result)
     return 0
+
+
+def print_outcome(result: dict) -> None:
+    """What a person running the flow wants to know at the end: the report, the record, regressions."""
+    print(f"report: {result['report']}")
+    if result.get("run_record"):
+        compare = (f"; compare: dvc metrics diff {result['previous_run']} {result['run_record']}"
+                   if result.get("previous_run") and result["previous_run"] != result["run_record"] else "")
+        print(f"run record: DVC experiment {result['run_record']} (dvc exp show){compare}")
+    for line in result.get("regressions", []):
+        print(f"regression since run {result['previous_run']}: {line}")
+    if result.get("overrides") or result.get("params_file", "params.yaml") != "params.yaml":
+        print("params.yaml is the checkout's own again; dvc.lock and the outputs are this run's (with its params), "
+              "so `dvc status` shows those stages as changed until the next run. "
+              f"To keep these params: dvc exp apply {result.get('run_record') or '<run>'}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ conditionals as ``forward`` (a property test checks it) at a small fraction of t
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,7 @@ from torch.nn import functional as F
 
 from genai_models.base import GenerativeModel, ImageSpec, check_sizes, images_to_unit
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class PixelCNNConfig:
@@ -174,6 +177,7 @@ class PixelCNN(GenerativeModel):
         from_vertical = [layer.vertical_to_horizontal(torch.zeros(num_samples, 2 * self.config.hidden_channels,
                                                                   1, width, device=self.device))
                          for layer in self.layers]  # row 0 sees nothing above
+        last_log = time.perf_counter()
         for row in range(height):
             for col in range(width):
                 for channel in range(c):
@@ -181,6 +185,9 @@ class PixelCNN(GenerativeModel):
                     drawn = torch.multinomial(logits.float().softmax(-1), 1, generator=generator)
                     x[:, channel, row, col] = drawn.squeeze(1).to(x.dtype) / 127.5 - 1.0
             from_vertical = self._advance_vertical(stack_inputs, row)
+            if time.perf_counter() - last_log >= 5.0:  # a batch can take minutes: say how far it is
+                log.info("pixelcnn: drawing %d images, row %d of %d done", num_samples, row + 1, height)
+                last_log = time.perf_counter()
         return ((x + 1.0) * 127.5).round().to(torch.uint8)
 
     def pixel_logits(self, x: torch.Tensor, row: int, col: int, from_vertical: list[torch.Tensor]) -> torch.Tensor:

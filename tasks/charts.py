@@ -115,3 +115,22 @@ def loss_curves(series: dict[str, list[tuple[float, float]]], title: str) -> byt
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return _png(figure)
+
+
+def trend(title: str, panels: dict[str, list[Point]], flagged: set[str]) -> bytes:
+    """Small multiples: one panel per metric, its value (with 95% interval) over the last runs, oldest
+    first, the last point this run's; a panel in ``flagged`` draws that last point in red."""
+    figure, grid = plt.subplots(1, len(panels), figsize=(2.25 * len(panels), 2.1), squeeze=False)
+    for axes, (label, points) in zip(grid.flat, panels.items()):
+        xs = list(range(len(points)))
+        axes.errorbar(xs, [p.value for p in points], yerr=_errors(points), fmt="-o", markersize=3, capsize=2,
+                      color=COLORS[0], linewidth=1)
+        if label in flagged:
+            axes.plot([xs[-1]], [points[-1].value], marker="o", markersize=7, color="#d62728", linestyle="none")
+        axes.set_xticks(xs, [p.name for p in points], rotation=60, ha="right", fontsize=6)
+        axes.set_title(label, fontsize=8, color="#d62728" if label in flagged else "black")
+        axes.tick_params(axis="y", labelsize=7)
+        axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return _png(figure)

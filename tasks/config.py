@@ -228,6 +228,13 @@ class ReportConfig(_Strict):
     # An .html file under reports/ (metrics.csv is written beside it); outputs stay in the
     # repository's output folders. dvc.yaml's report stage names reports/report.html.
     path: str = "reports/report.html"
+    # Runs in each family's trend chart: this run and the recorded runs before it (tasks/history.py).
+    history_runs: int = Field(10, ge=2, le=100)
+    # A metric without a 95% interval (likelihoods, perplexity) regressed when it got worse by more
+    # than this fraction of its previous value; metrics with one are held against their interval.
+    regression_tolerance: float = Field(0.01, ge=0)
+    # A flow run whose report flags a regression ends Failed (a Prefect automation can notify on it).
+    fail_on_regression: bool = False
 
     @field_validator("path")
     @classmethod

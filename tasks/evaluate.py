@@ -73,13 +73,17 @@ class ImageJudge:
         """Every sample metric of ``count`` samples of ``model``; intervals from ``replicates`` bootstrap draws."""
         cfg = self.config.evaluate
         started = time.perf_counter()
-        samples = draw_samples(model, count, cfg.batch_size, seed)
-        log.info("%s: drew %d samples in %.1f s; measuring them", what, count, time.perf_counter() - started)
+        log.info("%s: drawing %d samples (%s)", what, count, model.describe_sampling())
+        samples = draw_samples(model, count, cfg.batch_size, seed, f"{what}: sampling")
+        log.info("%s: drew %d samples in %.1f s; measuring them%s", what, count, time.perf_counter() - started,
+                 f" (and {replicates} bootstrap replicates for the intervals)" if replicates else "")
+        started = time.perf_counter()
         features, probs = embed_images(self.extractor, samples, device=self.device)
         metrics = SampleMetrics(self.reference, features.numpy(), probs.numpy(), cfg.kid_subsets,
                                 cfg.kid_subset_size, seed)
         values, intervals = bootstrap_intervals(metrics.compute, count, replicates, seed) if replicates else (
             metrics.compute(), {})
+        log.info("%s: sample metrics measured in %.1f s", what, time.perf_counter() - started)
         measured = Measured(std={"kid": values.pop("kid_std")}, intervals=intervals)
         measured.values = values
         setting = (f"{count} samples ({model.describe_sampling()}) vs {self.reference.test.shape[0]} test images "
@@ -126,6 +130,7 @@ def image_nll(model: GenerativeModel, config: PipelineConfig, device: torch.devi
     measured = Measured()
     prepared = model.prepare_likelihood(torch.Generator(device=device).manual_seed(config.seed))
     for suffix, (k, kind) in bounds.items():
+        log.info("test NLL%s: %d test images, k = %d", suffix or " (exact)", test.shape[0], k)
         started = time.perf_counter()
         batch_size = max(1, config.evaluate.batch_size // k)
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -184,6 +189,7 @@ def evaluate_image_model(model: GenerativeModel, config: PipelineConfig, judge: 
 
 def untrained_ceiling(family: str, model: GenerativeModel, config: PipelineConfig, judge: ImageJudge) -> dict[str, float]:
     """Every sample metric of an untrained model of the same architecture (plain draws)."""
+    log.info("%s: measuring the untrained ceiling (the same architecture, untrained)", family)
     seed_everything(config.seed, deterministic_on(config.performance.deterministic, judge.device))
     untrained = get_family(family).build(model.config, model.spec).to(judge.device).eval()
     measured = judge.sample_metrics(untrained.plain_sampling() or untrained, config.evaluate.num_image_samples,
@@ -244,7 +250,8 @@ def text_nll(model: GenerativeModel, device: torch.device) -> Measured:
 def generate_sentences(model: GenerativeModel, config: PipelineConfig) -> list[list[str]]:
     """Sentences of words drawn from ``model`` (its tokens decoded, whatever the tokenizer)."""
     tokenizer = data.load_tokenizer(paths.TEXT_DATA)
-    rows = draw_samples(model, config.evaluate.num_text_samples, config.evaluate.batch_size, config.sample_seed)
+    rows = draw_samples(model, config.evaluate.num_text_samples, config.evaluate.batch_size, config.sample_seed,
+                        "generating sentences")
     return [tokenizer.decode(row.tolist()) for row in rows]
 
 
@@ -254,6 +261,8 @@ def evaluate_text_model(model: GenerativeModel, config: PipelineConfig, device: 
     test = data.load_text(paths.TEXT_DATA, "test")
     count, seed = config.evaluate.num_text_samples, config.sample_seed
     plain = model.plain_sampling()
+    log.info("generating %d sentences and measuring BLEU / Self-BLEU / distinct-n (%d bootstrap replicates)",
+             count, replicates)
     measured = text_sample_metrics(generate_sentences(plain or model, config), test, replicates, seed)
     configured = (text_sample_metrics(generate_sentences(model, config), test, replicates, seed) if plain else None)
     setting = (f"{count} generated sentences ({model.describe_sampling()}) vs {len(test)} test sentences; "
@@ -324,6 +333,7 @@ def evaluate_family(config: PipelineConfig, family: str) -> Path:
     if configured is not None:
         record["configured_sampling"] = {name: value.to_json()
                                          for name, value in metric_values(configured, {}, {}, []).items()}
+    log.info("%s: measuring generation speed and writing sample grids", family)
     generation = generation_speed(model, config)
     with replace_directory(paths.evaluation_dir(family)) as tmp:
         write_samples(model.plain_sampling() or model, 64 if model.modality == "image" else 20, config.sample_seed,

@@ -28,7 +28,7 @@ from tasks.config import PipelineConfig
 from tasks.datasets import DataError
 from tasks.feature_space import REFERENCE_TEST, REFERENCE_TRAIN, extractor_description, load_inception
 from tasks.io import atomic_write_json, replace_directory
-from tasks.runtime import StepClock, deterministic_on, device_name, resolve_device, seed_everything
+from tasks.runtime import Progress, StepClock, deterministic_on, device_name, resolve_device, seed_everything
 from tasks.train import batch_indices
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ def train_classifier(config: PipelineConfig, device: torch.device) -> tuple[Digi
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, **fast_optimizer_options(model.parameters()))
     binarized = data.is_dynamically_binarized(paths.IMAGE_DATA)  # then it sees images like the test split's
     model.train()
+    log.info("training the feature classifier: %d steps of batch %d on %d images", cfg.steps, cfg.batch_size,
+             train_x.shape[0])
+    progress = Progress("feature classifier", cfg.steps, "steps", logger=log)
     for step in range(cfg.steps):
         index = batch_indices(step, train_x.shape[0], cfg.batch_size, config.seed).to(device)
         batch = train_x[index]
@@ -59,6 +62,7 @@ def train_classifier(config: PipelineConfig, device: torch.device) -> tuple[Digi
         optimizer.step()
         if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
             log.info("feature classifier step %d/%d  loss %.4f", step + 1, cfg.steps, loss.item())
+        progress.update(step + 1)
     model.eval()
     with torch.no_grad():
         predictions = torch.cat([model(test_x[i:i + 1000]).argmax(1) for i in range(0, test_x.shape[0], 1000)])
@@ -99,10 +103,19 @@ def check_feature_space(config: PipelineConfig) -> None:
                         f"(features.extractor: classifier); set features.extractor: inception")
 
 
-def _embed(extractor: nn.Module, images: torch.Tensor, device: torch.device, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _embed(extractor: nn.Module, images: torch.Tensor, device: torch.device, what: str,
+           chunk: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Features and class probabilities of ``images``, in chunks so that a slow network (Inception on a CPU)
+    shows progress."""
     log.info("features of %d %s", images.shape[0], what)
-    features, probs = embed_images(extractor, images, device=device)
-    return features.numpy(), probs.numpy()
+    if images.shape[0] <= chunk:
+        features, probs = embed_images(extractor, images, device=device)
+        return features.numpy(), probs.numpy()
+    progress, parts = Progress(f"features of {what}", images.shape[0], "images", logger=log), []
+    for start in range(0, images.shape[0], chunk):  # a multiple of embed_images' batch: the same numbers
+        parts.append(embed_images(extractor, images[start:start + chunk], device=device))
+        progress.update(start + parts[-1][0].shape[0])
+    return torch.cat([f for f, _ in parts]).numpy(), torch.cat([p for _, p in parts]).numpy()
 
 
 def write_real_reference(config: PipelineConfig, extractor: nn.Module, device: torch.device, out: Path,

@@ -18,6 +18,7 @@ import logging
 import platform
 import subprocess
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -25,9 +26,9 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from genai_models.metrics.catalogue import CATALOGUE, Metric, MetricValue, metrics_for
 from genai_models.registry import get_family
-from tasks import charts, paths
+from tasks import charts, history, paths
 from tasks.config import PipelineConfig
-from tasks.io import OutputError, atomic_write_text
+from tasks.io import OutputError, atomic_write_json, atomic_write_text
 from tasks.runtime import StepClock, package_version
 from tasks.samples import seed_model_dir
 
@@ -185,8 +186,10 @@ def warnings(results: list[FamilyResult]) -> list[str]:
 
 
 # --- tables -------------------------------------------------------------------------------------
-def table(results: list[FamilyResult], metrics: list[Metric], with_floor: bool) -> dict | None:
-    """Rows of cells for the template: value, interval, seeds; best (★) and ties (≈) per column."""
+def table(results: list[FamilyResult], metrics: list[Metric], with_floor: bool,
+          changes: dict[tuple[str, str], history.Change] | None = None) -> dict | None:
+    """Rows of cells for the template: value, interval, seeds, change since the previous run; best (★)
+    and ties (≈) per column."""
     columns = [m for m in metrics if any(m.key in r.metrics for r in results)]
     if not columns:
         return None
@@ -197,7 +200,8 @@ def table(results: list[FamilyResult], metrics: list[Metric], with_floor: bool) 
             for r in tied:
                 marks[(r.name, metric.key)] = "best" if len(tied) == 1 else "tie"
     rows = [{"name": r.name, "reference": False, "summary": r.train.get("model_summary", ""),
-             "cells": [_cell(r.metrics.get(m.key), marks.get((r.name, m.key), ""), m) for m in columns]}
+             "cells": [_cell(r.metrics.get(m.key), marks.get((r.name, m.key), ""), m,
+                             (changes or {}).get((r.name, m.key))) for m in columns]}
             for r in results]
     if with_floor and any(m.floor for m in columns):
         floors = [next((r.metrics[m.key].floor for r in results if m.key in r.metrics), None) for m in columns]
@@ -220,15 +224,42 @@ def _short(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _cell(value: MetricValue | None, mark: str, metric: Metric) -> dict:
-    """A table cell: the value (4 significant digits) and, smaller, its interval, spread and seed spread."""
+def _cell(value: MetricValue | None, mark: str, metric: Metric, change: history.Change | None = None) -> dict:
+    """A table cell: the value (4 significant digits) and, smaller, its interval, spread, seed spread and
+    change since the previous run."""
     if value is None:
-        return {"value": "—", "interval": "", "std": "", "seeds": "", "mark": ""}
-    return {"value": _fmt(value.value), "mark": mark,
+        return {"value": "—", "interval": "", "std": "", "seeds": "", "mark": "", "change": None}
+    return {"value": _fmt(value.value), "mark": mark, "change": change_cell(change) if change else None,
             "interval": _interval(value.low, value.high) if value.low is not None else "",
             "std": f"± {_short(value.std)} {metric.spread}" if value.std is not None else "",
             "seeds": (f"{value.seed_count} seeds: {_short(value.seed_mean)} ± {_short(value.seed_std)}"
                       if value.seed_count else "")}
+
+
+def change_text(change: history.Change) -> str:
+    """'+2300 (+252%)': the move since the previous run, signed, with its share of the previous value."""
+    if change.direction == "new":
+        return "new"
+    if change.delta == 0:
+        return "±0"
+    return f"{change.delta:+.3g}{_share(change.relative)}"
+
+
+def _share(relative: float | None) -> str:
+    """' (+252%)', ' (+1.5%)', ' (-0.026%)': the relative change with about two significant digits."""
+    if relative is None:
+        return ""
+    if abs(relative) >= 0.1:
+        return f" ({relative:+.0%})"
+    return f" ({relative:+.1%})" if abs(relative) >= 0.01 else f" ({relative * 100:+.2g}%)"
+
+
+def change_cell(change: history.Change) -> dict:
+    kind = "regression" if change.regression else change.direction
+    title = {"regression": "regression", "worse": "worse, within what a re-draw would move it",
+             "better": "better", "same": "unchanged", "new": "new"}[kind]
+    return {"text": ("⚠ " if change.regression else "") + change_text(change), "kind": kind,
+            "title": f"since the previous run: {title}" + (f" ({change.reason})" if change.reason else "")}
 
 
 def ceiling_table(results: list[FamilyResult]) -> dict | None:
@@ -247,6 +278,94 @@ def configured_rows(results: list[FamilyResult]) -> list[dict]:
              "plain": r.evaluation.get("plain_sampling", ""),
              "cells": {CATALOGUE[k].label: _with_interval(v) for k, v in r.configured.items()}}
             for r in results if r.configured]
+
+
+# --- since the previous run ---------------------------------------------------------------------
+@dataclass
+class SincePrevious:
+    """This run against the previous recorded run (``tasks.history``)."""
+
+    previous: history.RunRecord | None
+    changes: dict[tuple[str, str], history.Change]   # (family, metric key) -> change
+    params: list[tuple[str, object, object]]          # params that differ: (key, before, now)
+    data: list[tuple[str, str, str]]                  # data outputs that differ: (path, md5 before, now)
+    trend: list[history.RunRecord]                    # earlier runs for the trend charts, oldest first
+    params_sha256: str
+
+    @property
+    def regressions(self) -> list[history.Change]:
+        return [c for c in self.changes.values() if c.regression]
+
+
+def since_previous(config: PipelineConfig, results: list[FamilyResult]) -> SincePrevious:
+    """Find the previous recorded run and compare every metric of this one with it."""
+    current = {r.name: r.metrics for r in results}
+    params = config.model_dump(mode="json")
+    digest = history.params_digest(params)
+    runs = [r for r in history.read_history(list(config.families), config.report.history_runs)
+            if not history.same_state(r, current, digest)]
+    previous = runs[0] if runs else None
+    if previous is None:
+        return SincePrevious(None, {}, [], [], [], digest)
+    changes = history.compare_metrics(previous.metrics, current, config.report.regression_tolerance)
+    data_now = {path: md5 for path, md5 in dvc_locked_hashes().items() if path.startswith("data/")}
+    data = [(path, previous.data.get(path, "—"), md5) for path, md5 in data_now.items()
+            if previous.data.get(path) not in (None, md5)]
+    return SincePrevious(previous, {(c.family, c.metric.key): c for c in changes},
+                         history.params_changes(previous.params, params), data,
+                         runs[:config.report.history_runs - 1][::-1], digest)
+
+
+def regression_lines(since: SincePrevious) -> list[str]:
+    """One sentence per flagged regression (since ``since.previous``)."""
+    return [f"{c.family} {c.metric.label}: {_with_interval(c.previous)} → {_with_interval(c.current)} "
+            f"({change_text(c)}; {c.metric.better} is better; {c.reason})." for c in since.regressions]
+
+
+def trend_charts(results: list[FamilyResult], since: SincePrevious) -> dict[str, str]:
+    """Per family: its verdict metrics over the last ``report.history_runs`` runs, this run last."""
+    labels = [datetime.fromtimestamp(r.time, timezone.utc).strftime("%m-%d %H:%M") for r in since.trend]
+    out = {}
+    for result in results:
+        keys = [m.key for m in metrics_for(result.modality) if m.verdict and m.key in result.metrics]
+        panels = {}
+        for key in keys:
+            points = [charts.Point(label, v.value, v.low, v.high) for label, run in zip(labels, since.trend)
+                      if (v := run.metrics.get(result.name, {}).get(key)) is not None]
+            value = result.metrics[key]
+            points.append(charts.Point("this run", value.value, value.low, value.high))
+            arrow = {"lower": "↓", "higher": "↑"}.get(CATALOGUE[key].better, "→1")
+            panels[f"{CATALOGUE[key].label} {arrow}"] = points
+        flagged = {CATALOGUE[c.metric.key].label for c in since.regressions if c.family == result.name}
+        if panels:
+            out[result.name] = base64.b64encode(charts.trend(
+                f"{result.name}: the last {len(since.trend) + 1} run(s)", panels,
+                {label for label in panels if label.rsplit(" ", 1)[0] in flagged})).decode()
+    return out
+
+
+def summary_record(config: PipelineConfig, results: list[FamilyResult], since: SincePrevious,
+                   verdicts: dict[str, list[str]]) -> dict:
+    """What the flow publishes as Prefect artifacts (reports/summary.json): verdict, regressions, every metric."""
+    previous = since.previous
+    rows = []
+    for result in results:
+        for key, value in result.metrics.items():
+            change = since.changes.get((result.name, key))
+            rows.append({
+                "family": result.name, "metric": key, "label": CATALOGUE[key].label, "better": CATALOGUE[key].better,
+                "value": value.value, "low": value.low, "high": value.high,
+                "previous": change.previous.value if change and change.previous else None,
+                "change": change_text(change) if change else "", "direction": change.direction if change else "",
+                "regression": bool(change and change.regression)})
+    return {
+        "report": config.report.path, "params_sha256": since.params_sha256, "verdict": verdicts,
+        "previous_run": None if previous is None else {
+            "name": previous.name, "commit": previous.commit, "baseline": previous.baseline, "time": previous.when,
+            "params_sha256": previous.params_sha256, "data": previous.data},
+        "regressions": regression_lines(since), "params_changed": [[k, a, b] for k, a, b in since.params],
+        "metrics": rows,
+    }
 
 
 # --- charts -------------------------------------------------------------------------------------
@@ -341,9 +460,11 @@ def _manifest_hash(modality: str) -> str:
 def _git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return commit + (" (with uncommitted changes)" if dirty else "")
+        # dvc.lock and metrics/ are what a run writes: not changes to what it was made from.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock",
+                                ":!metrics"], capture_output=True, text=True, check=True).stdout.splitlines()
+        files = sorted({line[3:] for line in dirty if line.strip()})
+        return commit + (f" (with uncommitted changes to {', '.join(files)})" if files else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
 
@@ -383,7 +504,14 @@ def cost_rows(results: list[FamilyResult]) -> list[dict]:
 
 
 # --- the page -----------------------------------------------------------------------------------
-def render(config: PipelineConfig, results: list[FamilyResult], wall_s: float) -> str:
+def verdict_lines(config: PipelineConfig, results: list[FamilyResult]) -> dict[str, list[str]]:
+    """The verdict per modality."""
+    return {"image": verdict([r for r in results if r.modality == "image"], config.evaluate.num_image_samples),
+            "text": verdict([r for r in results if r.modality == "text"], config.evaluate.num_text_samples)}
+
+
+def render(config: PipelineConfig, results: list[FamilyResult], wall_s: float, since: SincePrevious,
+           verdicts: dict[str, list[str]]) -> str:
     environment = Environment(loader=PackageLoader("tasks", "templates"),
                               autoescape=select_autoescape(default=True, default_for_string=True))
     environment.filters["num"] = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else ("—" if v is None else v)
@@ -391,16 +519,18 @@ def render(config: PipelineConfig, results: list[FamilyResult], wall_s: float) -
     text = [r for r in results if r.modality == "text"]
     intervals = next((r.evaluation.get("bootstrap_replicates") for r in results), 0)
     colors = charts.palette([r.name for r in results])
+    changes = since.changes
     return environment.get_template("report.html.j2").render(
         title=config.report.title, results=results, meta=run_metadata(config, results), report_wall_s=wall_s,
-        image_verdict=verdict(image, config.evaluate.num_image_samples),
-        text_verdict=verdict(text, config.evaluate.num_text_samples),
-        image_table=table(image, metrics_for("image", "samples"), with_floor=True),
-        likelihood_table=table([r for r in image if "nll_bits_per_dim" in r.metrics], metrics_for("image", "likelihood"),
-                               with_floor=False),
+        image_verdict=verdicts["image"], text_verdict=verdicts["text"],
+        since=since, regressions=regression_lines(since), trend_charts=trend_charts(results, since),
+        history_runs=config.report.history_runs, tolerance=config.report.regression_tolerance,
+        image_table=table(image, metrics_for("image", "samples"), with_floor=True, changes=changes),
+        likelihood_table=table([r for r in image if "nll_bits_per_dim" in r.metrics],
+                               metrics_for("image", "likelihood"), with_floor=False, changes=changes),
         binarized_table=table([r for r in image if any(m.key in r.metrics for m in metrics_for("image", "binarized"))],
-                              metrics_for("image", "binarized"), with_floor=False),
-        text_table=table(text, metrics_for("text"), with_floor=True), ceilings=ceiling_table(image),
+                              metrics_for("image", "binarized"), with_floor=False, changes=changes),
+        text_table=table(text, metrics_for("text"), with_floor=True, changes=changes), ceilings=ceiling_table(image),
         configured=configured_rows(results), image_charts=image_charts(image, colors),
         text_charts=text_charts(text, colors),
         loss_charts={r.name: loss_chart(r) for r in results}, cost=cost_rows(results),
@@ -429,11 +559,20 @@ def confined_report_path(path: str | Path, root: Path = Path(".")) -> Path:
 
 
 def build_report(config: PipelineConfig) -> Path:
-    """Write the HTML report and ``reports/metrics.csv``; returns the HTML path."""
+    """Write the HTML report, ``reports/metrics.csv`` and ``reports/summary.json``; returns the HTML path."""
     clock = StepClock("report")
     out = confined_report_path(config.report.path)
     results = [load_result(config, name) for name in config.families]
+    since = since_previous(config, results)
+    if since.previous is None:
+        log.info("no previous run recorded: nothing to compare with")
+    else:
+        log.info("compared with run %s: %d regression(s) flagged", since.previous.describe(), len(since.regressions))
+    for line in regression_lines(since):
+        log.warning("regression since run %s: %s", since.previous.name, line)
+    lines = verdict_lines(config, results)
     write_metrics_csv(results, out.with_name("metrics.csv"))
-    atomic_write_text(out, render(config, results, clock.record()["wall_s"]))
+    atomic_write_json(out.with_name("summary.json"), summary_record(config, results, since, lines))
+    atomic_write_text(out, render(config, results, clock.record()["wall_s"], since, lines))
     log.info("report written to %s", out.resolve())
     return out

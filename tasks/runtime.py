@@ -80,3 +80,23 @@ def package_version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+class Progress:
+    """Progress lines for a long loop, at most one every ``every`` seconds: done/total, rate and ETA.
+
+    ``update(done)`` after each unit of work; silent when the whole loop is quick.
+    """
+
+    def __init__(self, what: str, total: int, unit: str, every: float = 5.0, logger: logging.Logger = log) -> None:
+        self.what, self.total, self.unit, self.every, self.logger = what, total, unit, every, logger
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every or done >= self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        self.logger.info("%s: %d/%d %s (%.3g/s, ETA %s)", self.what, done, self.total, self.unit, rate,
+                         format_duration((self.total - done) / max(rate, 1e-9)))

@@ -7,6 +7,7 @@ the others in ``models/<family>/seeds/<seed>/``.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from PIL import Image
 
 from genai_models.base import GenerativeModel
 from tasks import data, paths
+from tasks.runtime import Progress
+
+log = logging.getLogger(__name__)
 
 
 def seed_model_dir(family: str, seed: int, seeds: list[int]) -> Path:
@@ -23,10 +27,17 @@ def seed_model_dir(family: str, seed: int, seeds: list[int]) -> Path:
     return base if seed == seeds[0] else base / "seeds" / str(seed)
 
 
-def draw_samples(model: GenerativeModel, count: int, batch_size: int, seed: int) -> torch.Tensor:
-    """``count`` samples in batches from one seeded generator; gathered on the device, returned on the CPU."""
+def draw_samples(model: GenerativeModel, count: int, batch_size: int, seed: int,
+                 what: str = "sampling") -> torch.Tensor:
+    """``count`` samples in batches from one seeded generator; gathered on the device, returned on the CPU
+    (progress logged when slow)."""
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    return torch.cat([model.sample(min(batch_size, count - i), generator) for i in range(0, count, batch_size)]).cpu()
+    progress, batches, done = Progress(what, count, "samples drawn", logger=log), [], 0
+    for i in range(0, count, batch_size):
+        batches.append(model.sample(min(batch_size, count - i), generator))
+        done += batches[-1].shape[0]
+        progress.update(done)
+    return torch.cat(batches).cpu()
 
 
 def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: int = 255) -> torch.Tensor:

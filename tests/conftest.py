@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dvc  # noqa: F401  (before any test: its import binds its log handlers to the sys.stdout/stderr of that
+#              moment, and a test's capsys streams are closed after the test; later DVC logs would then fail)
 import pytest
 import torch
 

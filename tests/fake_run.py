@@ -51,8 +51,8 @@ def _png() -> bytes:
 
 def _family(name: str, modality: str, metrics: dict, sentences: list[str] | None = None) -> None:
     model_dir, eval_dir = paths.model_dir(name), paths.evaluation_dir(name)
-    model_dir.mkdir(parents=True)
-    eval_dir.mkdir(parents=True)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    eval_dir.mkdir(parents=True, exist_ok=True)
     curve = "step,loss,samples_per_s,train_seconds,val_loss,fid,precision,recall\n" \
             "1,3.5,10,0.5,3.6,300,0.1,0.1\n2,2.5,10,1.0,2.7,100,0.5,0.4\n"
     (model_dir / "loss.csv").write_text(curve)
@@ -70,16 +70,23 @@ def _family(name: str, modality: str, metrics: dict, sentences: list[str] | None
     atomic_write_json(paths.metrics_file(name), metrics)
 
 
-def make_fake_run() -> PipelineConfig:
-    """Write the fake run into the working directory; returns its config."""
+def fake_params() -> dict:
+    """The project's params.yaml with the fake run's three families."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["families"] = {k: v for k, v in params["families"].items() if k in ("vae", "dcgan", "transformer_lm")}
+    return params
+
+
+def make_fake_run(image_metrics: dict | None = None) -> PipelineConfig:
+    """Write the fake run into the working directory (``image_metrics``: in place of ``IMAGE_METRICS``);
+    returns its config."""
+    params = fake_params()
     params["data"]["text"]["path"] = "<script>alert('path')</script>"
     for modality in ("image", "text"):
         atomic_write_json(paths.data_dir(modality) / "manifest.json", {"dataset": "<i>fixture</i>"})
     atomic_write_json(paths.FEATURE_EXTRACTOR / "summary.json", {
         "step": "features", "wall_s": 2.0, "description": "a <b>classifier</b>", "test_accuracy": 0.99})
-    for name, metrics in IMAGE_METRICS.items():
+    for name, metrics in (image_metrics or IMAGE_METRICS).items():
         _family(name, "image", metrics)
     _family("transformer_lm", "text", TEXT_METRICS, HOSTILE)
     return parse_params(params)

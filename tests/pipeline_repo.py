@@ -23,7 +23,8 @@ from tests.conftest import REPO_ROOT, TINY_CONFIGS
 
 PYTHON = sys.executable
 # What a copy needs from the checkout to run the pipeline.
-CODE = ["flows", "tasks", "genai_models", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "pyproject.toml"]
+CODE = ["flows", "tasks", "genai_models", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore",
+        "pyproject.toml", "data/.gitignore", "models/.gitignore", "evaluation/.gitignore", "reports/.gitignore"]
 FAMILIES = tuple(yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["families"])
 
 
@@ -138,3 +139,49 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+FAKE_FAMILIES = ("vae", "dcgan", "transformer_lm")
+FAKE_STAGE = '''"""A stand-in for prepare, features, train and evaluate (tests only): tests/fake_run.py's results.
+
+The vae's FID is 45 [42, 48] when it trains fewer than 10 steps, else 30 [28, 32], so a params change
+(e.g. -S families.vae.train.steps=2) moves a metric beyond its interval.
+"""
+import copy
+import sys
+
+sys.path.insert(1, {root!r})  # the checkout's tests package; this copy's own code (sys.path[0]) comes first
+from tasks.config import load_params  # noqa: E402
+from tests import fake_run  # noqa: E402
+
+steps = load_params("params.yaml").families["vae"].train.steps
+metrics = copy.deepcopy(fake_run.IMAGE_METRICS)
+if steps < 10:
+    metrics["vae"]["fid"].update(value=45.0, low=42.0, high=48.0)
+fake_run.make_fake_run(metrics)
+print(f"fake results written (vae trained {{steps}} steps: FID {{metrics['vae']['fid']['value']}})")
+'''
+
+
+def make_results_repo(root: Path) -> Path:
+    """A committed git + DVC repository whose pipeline is two stages: ``results`` (tests/fake_run.py's
+    results, from ``FAKE_STAGE``, in seconds) and the project's real ``report`` stage."""
+    from tests.fake_run import fake_params
+
+    make_repo(root, FAKE_FAMILIES, fake_params())
+    outs = ["data/images", "data/text", "models/feature_extractor",
+            *(f"{kind}/{family}" for kind in ("models", "evaluation") for family in FAKE_FAMILIES)]
+    metrics = [f"metrics/{family}.json" for family in FAKE_FAMILIES]
+    spec = {"stages": {
+        "results": {"cmd": "python make_results.py", "deps": ["make_results.py"], "params": ["families.vae.train"],
+                    "outs": outs, "metrics": [{m: {"cache": False}} for m in metrics]},
+        "report": {"cmd": "python -m flows.cli report", "deps": ["tasks/report.py", *outs, *metrics],
+                   "params": ["report"],
+                   "outs": ["reports/report.html", "reports/metrics.csv", "reports/summary.json"]},
+    }}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (root / "make_results.py").write_text(FAKE_STAGE.format(root=str(REPO_ROOT)))
+    env = clean_env(root)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-q", "-m", "a two-stage pipeline of fake results and the real report"], root, env)
+    return root

@@ -36,7 +36,7 @@ def test_the_cron_comes_from_params_yaml_by_default(served, tmp_path):
     kwargs, paused = served
     assert paused == {"paused": "genai-retraining/scheduled-retraining"}  # once serving stops
     assert kwargs["cron"] == "0 3 * * *" and "interval" not in kwargs
-    assert kwargs["parameters"] == {"repo_root": str(tmp_path), "params_file": "params.yaml"}
+    assert kwargs["parameters"] == {"repo_root": str(tmp_path), "params_file": "params.yaml", "overrides": []}
     limit = kwargs["global_limit"]
     assert limit.limit == 1 and limit.collision_strategy.value == "CANCEL_NEW"
 
@@ -57,4 +57,13 @@ def test_a_bad_cron_or_no_server_stops_before_serving(served, capsys):
     assert "not a cron expression" in capsys.readouterr().err
     assert main(api=None) == 2
     assert "prefect server start" in capsys.readouterr().err
+    assert served == []
+
+
+def test_overrides_go_to_every_scheduled_run_and_a_bad_one_stops_before_serving(served, capsys):
+    assert main("-S", "families.vae.train.steps=100", "-S", "seed=3") == 0
+    assert served[0]["parameters"]["overrides"] == ["families.vae.train.steps=100", "seed=3"]
+    served.clear()
+    assert main("-S", "families.vae.train.stepz=1") == 2
+    assert "-S families.vae.train.stepz=1: Could not override" in capsys.readouterr().err
     assert served == []

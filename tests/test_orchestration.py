@@ -255,3 +255,160 @@ def test_families_train_at_once_on_a_two_worker_dask_cluster(api_url, tmp_path):
     assert "up to date" in run(["dvc", "status"], repo, env).stdout
     assert set(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == set(ran)
     assert (repo / "models" / "vae" / "model.pt").exists() and (repo / "models" / "dcgan" / "model.pt").exists()
+
+
+# --- F: runs you can watch: records, comparisons, artifacts, overrides ---------------------------
+def artifacts(url: str, key: str) -> list:
+    """Every version of the artifact ``key``, oldest first."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with client(url) as api:
+        return api.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                  sort=ArtifactSort.CREATED_DESC)[::-1]
+
+
+def last_run(repo: Path) -> dict:
+    return json.loads((repo / ".runs" / "pipeline-last-run.json").read_text())
+
+
+def test_a_params_change_is_compared_flagged_published_and_fails_the_run(api_url, tmp_path, monkeypatch):
+    """The flow's own logic end to end in seconds (tests/pipeline_repo.make_results_repo: a stage writing
+    fake results, then the real report stage). The previous run is recorded in-process, as the flow's
+    record step does; then one flow run with -S: the override reaches the stage, the report and the
+    artifacts show the change and flag the regression, fail_on_regression fails the run, and the checkout
+    keeps its params.yaml and tracked files. Two real flow runs with real training: the slow test below."""
+    from flows.record import METRICS_ARTIFACT, REPORT_ARTIFACT, VERDICT_ARTIFACT, record_run
+    from tasks.config import load_params
+    from tasks.report import build_report
+    from tests.fake_run import make_fake_run
+    from tests.pipeline_repo import make_results_repo
+
+    repo = make_results_repo(tmp_path / "results")
+    env = clean_env(repo, PREFECT_API_URL=api_url)
+    params_before = (repo / "params.yaml").read_bytes()
+    with monkeypatch.context() as patch:  # the previous run: both stages' work, then its record
+        patch.chdir(repo)
+        for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+            patch.setenv(key, env[key])
+        make_fake_run()
+        build_report(load_params(repo / "params.yaml"))
+        previous, _ = record_run(repo, ["results", "report"], "the previous run")
+
+    hook = webhook_listener()  # where the README's notification (python -m flows.notify) will post
+    run([PYTHON, "-m", "flows.notify", "--webhook", hook.url], repo, env)
+
+    flow = run([PYTHON, "-m", "flows.pipeline", "-S", "families.vae.train.steps=2", "-S",
+                "report.fail_on_regression=true"], repo, env, check=False)
+    output = flow.stdout + flow.stderr
+    assert flow.returncode == 1, output[-4000:]
+    assert "1 regression(s) flagged and report.fail_on_regression is set" in output
+    result = last_run(repo)
+    assert result["previous_run"] == previous and result["run_record"] not in (None, previous)
+    assert {r["name"] for r in result["ran"]} == {"results", "report"}
+    assert "fake results written (vae trained 2 steps: FID 45.0)" in output  # -S reached the stage
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert lock["results"]["params"]["params.yaml"]["families.vae.train"]["steps"] == 2
+    assert (repo / "params.yaml").read_bytes() == params_before  # the checkout's own params are back
+    status = run(["git", "status", "--porcelain"], repo, env).stdout.split("\n")
+    assert sorted(filter(None, status)) == ["?? dvc.lock", "?? metrics/"]
+
+    html = (repo / "reports" / "report.html").read_text()
+    assert f"Compared with run <code>{previous}</code>" in html
+    assert "<code>families.vae.train.steps</code>: 3000 → 2" in html and "⚠ +15 (+50%)" in html
+    assert "(with uncommitted changes to params.yaml)" in html  # it ran on overridden params
+
+    state = state_of(api_url, result["flow_run"])
+    assert state.is_failed() and "regression(s) flagged" in state.message
+    [table], [verdict], [link] = (artifacts(api_url, key) for key in (METRICS_ARTIFACT, VERDICT_ARTIFACT,
+                                                                      REPORT_ARTIFACT))
+    assert {str(a.flow_run_id) for a in (table, verdict, link)} == {result["flow_run"]}
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    fid = next(r for r in rows if r["family"] == "vae" and r["metric"] == "FID")
+    assert fid == {"family": "vae", "metric": "FID", "better": "lower", "value": "45", "95% interval": "[42, 48]",
+                   "previous": "30", "change": "+15 (+50%)", "regression": "REGRESSION"}
+    assert f"**1 regression(s) since run {previous}**" in verdict.data
+    assert "`families.vae.train.steps`: 3000 → 2" in verdict.data
+    report_uri = (repo / "reports" / "report.html").as_uri()
+    assert link.data == f"[report of {result['run_record']} (report.html)]({report_uri})"
+    # The Prefect automation made by flows.notify sent the failure, with the regressions, to the webhook.
+    [message] = wait_until(lambda: hook.received, 120, "the automation's notification")
+    assert "genai-pipeline: run" in message and "1 regression(s) flagged" in message and "vae FID" in message
+    hook.server.shutdown()
+
+
+def webhook_listener():
+    """A local HTTP endpoint that keeps the bodies POSTed to it (``.received``) at ``.url``."""
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    received: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the http.server name)
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["text"])
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}/hook", received=received, server=server)
+
+
+def test_only_a_killed_stage_is_retried():
+    """A stage killed by a signal (OOM killer, preemption) resumes on a retry; one that failed by itself
+    (exit 1 or 2: a bug, bad input, diverged training) would fail the same way again."""
+    from prefect.states import Failed
+
+    from flows.pipeline import StageFailed, reproduce_stage, retry_if_killed
+
+    assert reproduce_stage.retries == 1 and reproduce_stage.retry_condition_fn is retry_if_killed
+    for returncode, retried in ((-9, True), (137, True), (1, False), (2, False), (-15, False)):
+        state = Failed(data=StageFailed("stage train@vae failed", returncode))
+        assert retry_if_killed(reproduce_stage, None, state) is retried, returncode
+    assert not retry_if_killed(reproduce_stage, None, Failed(data=RuntimeError("not a stage")))
+
+
+@pytest.mark.slow
+def test_the_real_flow_twice_with_a_params_change_flags_the_regression(api_url, tmp_path):
+    """The issue's done-when: the real flow (prepare, features, train, evaluate, report) twice, the second
+    with -S families.vae.train.steps=2 (60 before): -S reaches the stages, the second report shows the
+    change and flags the regression, the artifacts are there, and only dvc.lock and metrics/ changed."""
+    from flows.record import METRICS_ARTIFACT, REPORT_ARTIFACT, VERDICT_ARTIFACT
+
+    params = tiny_params(["vae"])
+    params["families"]["vae"]["train"]["steps"] = 60
+    repo = make_repo(tmp_path / "real", families=("vae",), params=params,
+                     stages=("prepare_image", "features", "train", "evaluate_image", "report"))
+    env = clean_env(repo, PREFECT_API_URL=api_url)
+    params_before = (repo / "params.yaml").read_bytes()
+    run([PYTHON, "-m", "flows.pipeline"], repo, env, timeout=1200)
+    first = last_run(repo)
+    run([PYTHON, "-m", "flows.pipeline", "-S", "families.vae.train.steps=2"], repo, env, timeout=1200)
+    second = last_run(repo)
+    assert second["previous_run"] == first["run_record"] and {r["name"] for r in second["ran"]} == {
+        "train@vae", "evaluate_image@vae", "report"}
+
+    assert json.loads((repo / "models" / "vae" / "summary.json").read_text())["steps"] == 2  # -S reached training
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert lock["train@vae"]["params"]["params.yaml"]["families.vae"]["train"]["steps"] == 2
+    assert (repo / "params.yaml").read_bytes() == params_before
+    status = run(["git", "status", "--porcelain"], repo, env).stdout.split("\n")
+    assert sorted(filter(None, status)) == ["?? dvc.lock", "?? metrics/"]
+
+    html = (repo / "reports" / "report.html").read_text()
+    since = html.split('<h2 id="since">', 1)[1].split("<h2", 1)[0]
+    assert f"Compared with run <code>{first['run_record']}</code>" in since
+    assert "<code>families.vae.train.steps</code>: 60 → 2" in since and "trend of vae" in since
+    assert any(line.startswith("vae NLL bits/dim") for line in second["regressions"]), second["regressions"]
+    assert '<span class="chg regression"' in html
+
+    for key in (METRICS_ARTIFACT, VERDICT_ARTIFACT, REPORT_ARTIFACT):
+        versions = artifacts(api_url, key)
+        assert {str(a.flow_run_id) for a in versions} >= {first["flow_run"], second["flow_run"]}, key
+    verdict = next(a for a in artifacts(api_url, VERDICT_ARTIFACT) if str(a.flow_run_id) == second["flow_run"])
+    assert f"regression(s) since run {first['run_record']}" in verdict.data

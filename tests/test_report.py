@@ -4,17 +4,14 @@ self-contained charts, and a page that a real browser renders without errors."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from genai_models.metrics.catalogue import CATALOGUE
 from tasks.report import build_report
+from tests.browser import needs_chromium, render
 from tests.fake_run import make_fake_run
 
 
@@ -100,19 +97,10 @@ def test_several_training_seeds_show_their_spread(report_workspace):
     assert "3 seeds: 24 ± 3.5" in table
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="Debian's chromium is not installed (apt-get install -y chromium): the page is not "
-                           "rendered in a real browser by this run")
+@needs_chromium
 def test_a_real_browser_renders_the_page_without_console_errors(report_workspace, tmp_path):
-    out = build_report(report_workspace).resolve()
-    shot = tmp_path / "report.png"
-    result = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr", "--v=0",
-         f"--screenshot={shot}", "--window-size=1280,6000", out.as_uri()],
-        capture_output=True, text=True, timeout=120)
-    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    console, pixels = render(build_report(report_workspace), tmp_path / "report.png")
     assert console == [], console       # the page runs no script: any console message is an error
-    pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (6000, 1280)
     assert (pixels < 128).mean() > 0.01  # text, tables and charts, not a blank page
     # Every table fits the 1280-px window: nothing at all is drawn in the page's right margin (a table
