@@ -22,7 +22,7 @@ import math
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -128,9 +128,10 @@ class VAE(GenerativeModel):
         return 1.0 if warmup == 0 else ((self.training_steps + 1).float() / warmup).clamp(max=1.0)
 
     def training_step(self, batch: torch.Tensor, optimizers: list[torch.optim.Optimizer], precision: Precision,
-                      settings: TrainSettings) -> dict[str, torch.Tensor]:
-        """The default step on ``loss``, counting steps for the KL warm-up."""
-        terms = super().training_step(batch, optimizers, precision, settings)
+                      settings: TrainSettings,
+                      loss_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """The default step on ``loss`` (or the data-parallel ``loss_fn``), counting steps for the KL warm-up."""
+        terms = super().training_step(batch, optimizers, precision, settings, loss_fn)
         self.training_steps += 1
         return terms
 

@@ -138,6 +138,8 @@ def _shard_reference(params: dict, family: str, state_dir: Path) -> tuple[list[f
             loss.backward()
             mean += float(loss.detach())
         optimizer.step()
+        if hasattr(model, "training_steps"):  # the VAE's own step count (its KL warm-up), as training_step keeps it
+            model.training_steps += 1
         losses.append(mean)
     return losses, model.state_dict()
 
