@@ -363,6 +363,9 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> No
 
 
 def test_two_trainings_of_one_family_never_share_resumable_state(image_workspace):
+    params = yaml.safe_load((image_workspace / "params.yaml").read_text())
+    params["families"]["vae"]["train"]["steps"] = 200_000  # still training when the second one starts
+    (image_workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     first = subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "vae"], cwd=image_workspace,
                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
