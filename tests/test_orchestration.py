@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -412,3 +413,5 @@ def test_the_real_flow_twice_with_a_params_change_flags_the_regression(api_url, 
         assert {str(a.flow_run_id) for a in versions} >= {first["flow_run"], second["flow_run"]}, key
     verdict = next(a for a in artifacts(api_url, VERDICT_ARTIFACT) if str(a.flow_run_id) == second["flow_run"])
     assert f"regression(s) since run {first['run_record']}" in verdict.data
+    print("second report, 'since' section (text):", re.sub(r"<[^>]+>", " ", since)[:3000])  # shown on failure / -s
+    print("artifacts:", {key: len(artifacts(api_url, key)) for key in (METRICS_ARTIFACT, VERDICT_ARTIFACT, REPORT_ARTIFACT)})
