@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.WARNING)
     config = load_params(args.params)
     families = args.families or list(config.families)
-    meta = {"command": command_line(), "machine": machine_info(),
+    meta = {"command": command_line("benchmarks.calibration"), "machine": machine_info(),
             "started": datetime.datetime.now().isoformat(timespec="seconds")}
     judge = None
     if set(families) & set(config.image_families()):

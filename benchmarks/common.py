@@ -124,5 +124,6 @@ def markdown(figures: list[Figure], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def command_line() -> str:
-    return " ".join([Path(sys.executable).name, "-m", "benchmarks.run", *sys.argv[1:]])
+def command_line(module: str = "benchmarks.run") -> str:
+    """How this benchmark was started, as a person would type it (``python -m <module> <args>``)."""
+    return " ".join([Path(sys.executable).name, "-m", module, *sys.argv[1:]])
