@@ -16,8 +16,10 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
+# matplotlib's tab10, then tab20's light shades: twenty distinct colours before any repeats
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
-          "#7f7f7f"]
+          "#7f7f7f", "#aec7e8", "#ff9896", "#98df8a", "#c5b0d5", "#ffbb78", "#c49c94", "#f7b6d2", "#9edae5",
+          "#dbdb8d", "#c7c7c7"]
 plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.grid": True, "grid.alpha": 0.3,
                      "figure.dpi": 100, "savefig.bbox": "tight"})
 
@@ -62,7 +64,7 @@ def precision_recall(points: list[tuple[Point, Point]], real: tuple[float, float
                   label="real data (floor)")
     axes.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="recall (diversity) →", ylabel="precision (fidelity) →",
              title="Precision against recall (k-NN, 95% intervals)")
-    axes.legend(loc="lower left", fontsize=8, framealpha=0.8)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)  # beside the plot: no point hidden
     return _png(figure)
 
 
